@@ -1,0 +1,3 @@
+from llmflash.cli import main
+
+raise SystemExit(main())
