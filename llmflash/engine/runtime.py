@@ -1,0 +1,136 @@
+"""Load a converted model and generate: prefill in one pass, then one token at a time.
+
+`Engine` owns the decode loop and its timing; which FFN provider it plugs into the model decides
+the mode (dense here; sparse and flash providers come from their own modules).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmflash.engine.ffn import DenseFFN
+from llmflash.engine.sampling import sample
+from llmflash.errors import LLMFlashError
+from llmflash.models import build_model
+from llmflash.models.common import FFNProvider, KVCache
+from llmflash.storage.layout import TOKENIZER_FILE, FlashModelDir
+from llmflash.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (context window full)
+    prefill_s: float
+    decode_s: list[float] = field(default_factory=list)  # seconds per generated token
+
+    def timing(self) -> dict:
+        decode_total = sum(self.decode_s[1:]) if len(self.decode_s) > 1 else 0.0
+        decoded = max(len(self.decode_s) - 1, 0)
+        return {
+            "prefill_s": self.prefill_s,
+            "prefill_tokens": len(self.prompt_ids),
+            "decode_s": decode_total,
+            "decode_tokens": decoded,
+            # The first generated token comes out of prefill; later ones each cost one step.
+            "tokens_per_s": decoded / decode_total if decode_total > 0 else None,
+            "per_token_s": self.decode_s[1:],
+        }
+
+
+def load_tokenizer(model_dir: FlashModelDir) -> Tokenizer | None:
+    entry = model_dir.manifest.get("tokenizer") or {}
+    if not entry.get("file"):
+        return None
+    return Tokenizer(model_dir.path / TOKENIZER_FILE, chat_template=entry.get("chat_template"),
+                     bos_token=entry.get("bos_token"), eos_token=entry.get("eos_token"),
+                     eos_ids=model_dir.config.eos_token_id)
+
+
+def dense_ffn(model_dir: FlashModelDir, dtype: torch.dtype) -> DenseFFN:
+    """Every FFN layer read from the bundle file into DRAM (checksums checked on the way)."""
+    layers = [model_dir.read_layer_bundles(i).to(dtype) for i in range(model_dir.config.num_layers)]
+    return DenseFFN(layers, model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold)
+
+
+class Engine:
+    """A model ready to run: config, tokenizer, resident weights and an FFN provider."""
+
+    def __init__(self, path: Path | str, dtype: torch.dtype = torch.float32,
+                 ffn: Callable[[FlashModelDir, torch.dtype], FFNProvider] | None = None):
+        self.dir = FlashModelDir(path)
+        self.config = self.dir.config
+        self.dtype = dtype
+        self.tokenizer = load_tokenizer(self.dir)
+        self.weights = self.dir.load_resident(dtype)
+        self.ffn = (ffn or dense_ffn)(self.dir, dtype)
+        self.context = self.config.max_position_embeddings
+        self.model = build_model(self.config, self.weights, self.ffn, self.context, dtype)
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise LLMFlashError(f"{self.dir.path} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise LLMFlashError("empty prompt: give at least one token")
+        if len(prompt_ids) >= self.context:
+            raise LLMFlashError(
+                f"prompt of {len(prompt_ids)} tokens is longer than the model's context of "
+                f"{self.context} tokens ({self.dir.path})")
+        bad = [i for i in prompt_ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise LLMFlashError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int], cache: KVCache | None = None) -> torch.Tensor:
+        """Logits for every position of ids (appended to cache if given). For tests and eval."""
+        self.check_prompt(ids)
+        cache = cache or self.model.new_cache(len(ids))
+        return self.model.forward(torch.tensor(ids, dtype=torch.long), cache)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None,
+                 on_token: Callable[[int], None] | None = None,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        self.check_prompt(prompt_ids)
+        if max_new_tokens < 1:
+            raise LLMFlashError("--max-new-tokens must be at least 1")
+        max_len = min(self.context, len(prompt_ids) + max_new_tokens)
+        cache = self.model.new_cache(max_len)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = set(self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_id)
+
+        started = time.perf_counter()
+        logits = self.model.forward(torch.tensor(prompt_ids, dtype=torch.long), cache, last_only=True)
+        token = sample(logits[-1], temperature, top_p, generator)
+        prefill_s = time.perf_counter() - started
+        result = GenerationResult(list(prompt_ids), [], "", "length", prefill_s, [prefill_s])
+        while True:
+            result.token_ids.append(token)
+            if on_token:
+                on_token(token)
+            if stop_at_eos and token in eos:
+                result.finish_reason = "eos"
+                break
+            if len(result.token_ids) >= max_new_tokens:
+                break
+            if cache.length >= cache.max_len:
+                result.finish_reason = "context"
+                break
+            t0 = time.perf_counter()
+            logits = self.model.forward(torch.tensor([token], dtype=torch.long), cache)
+            token = sample(logits[-1], temperature, top_p, generator)
+            result.decode_s.append(time.perf_counter() - t0)
+        if self.tokenizer is not None:
+            result.text = self.tokenizer.decode(result.token_ids)
+        return result

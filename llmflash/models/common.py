@@ -1,0 +1,123 @@
+"""Pieces shared by the decoder architectures: KV cache, attention, RoPE, norms, the FFN hook.
+
+Batch size is 1, so activations are [tokens, hidden]. The FFN is not computed here: each model
+calls `ffn(layer, x)`, an object supplied by the engine (dense, sparse, or flash-backed), which is
+the single seam through which the paper's method plugs into an otherwise ordinary decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from llmflash.config import ModelConfig
+from llmflash.errors import LLMFlashError
+
+
+class FFNProvider(Protocol):
+    """Computes layer `layer`'s FFN (without the output bias) for inputs x: [tokens, hidden]."""
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class KVCache:
+    """Preallocated keys and values for one sequence: [layers, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype):
+        shape = (config.num_layers, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([kv_heads, T, head_dim]) at positions start.. and return the filled prefix."""
+        end = start + k.shape[1]
+        if end > self.max_len:
+            raise LLMFlashError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+def causal_mask(start: int, length: int, sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean [length, start+length]: query i (at position start+i) may see keys j <= start+i."""
+    q_pos = torch.arange(start, start + length).unsqueeze(1)
+    k_pos = torch.arange(start + length).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if sliding_window:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q: [heads, T, hd], k/v: [kv_heads, S, hd] (grouped-query) -> [T, heads*hd]."""
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+        enable_gqa=q.shape[0] != k.shape[0],
+    )[0]
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with the config's scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class Rotary:
+    """cos/sin tables for positions 0..max_len-1 (rotate-half convention, as transformers)."""
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype):
+        inv_freq = rope_inv_freq(config)
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(dtype)
+        self.sin = emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: [heads, T, head_dim] at positions start..start+T-1."""
+        T = x.shape[1]
+        cos = self.cos[start:start + T]
+        sin = self.sin[start:start + T]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin

@@ -1,0 +1,288 @@
+"""The on-flash model directory: manifest, resident tensors, FFN bundles (bytes in docs/FORMAT.md).
+
+This module is the only place that knows file names and the manifest schema. Opening a directory
+checks that every file exists with the size the manifest promises, so a truncated or half-copied
+model fails at open with the file's name, not later with garbage logits. Checksums are checked
+where the bytes are read anyway (resident tensors at load, a layer's bundles when read whole) and
+for everything by `verify()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from llmflash.config import ModelConfig
+from llmflash.errors import LLMFlashError
+
+FORMAT_NAME = "llmflash"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RESIDENT_FILE = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+TOKENIZER_FILE = "tokenizer.json"
+ALIGNMENT = 4096
+HASH_CHUNK = 8 << 20
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+NUMPY_VIEW = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise LLMFlashError(f"unsupported storage dtype {dtype}")
+
+
+def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
+    """Streamed sha256 of a byte range: never holds more than HASH_CHUNK in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        remaining = length if length is not None else float("inf")
+        while remaining > 0:
+            chunk = f.read(int(min(HASH_CHUNK, remaining)))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class BundlePart:
+    """One piece of a neuron's bundle, e.g. its gate row: `length` elements from `offset`."""
+
+    name: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """How one neuron's weights sit inside its bundle (all parts share one dtype)."""
+
+    parts: tuple[BundlePart, ...]
+    dtype: str
+
+    @property
+    def elements(self) -> int:
+        return sum(p.length for p in self.parts)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * self.itemsize
+
+    def part(self, name: str) -> BundlePart | None:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "dtype": self.dtype,
+            "elements": self.elements,
+            "bytes": self.nbytes,
+            "parts": [{"name": p.name, "offset": p.offset, "length": p.length} for p in self.parts],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BundleLayout":
+        return cls(tuple(BundlePart(**p) for p in d["parts"]), d["dtype"])
+
+
+def bundle_layout_for(config: ModelConfig, dtype: str) -> BundleLayout:
+    """Weights first (gate row, up row, down column), then the per-neuron biases."""
+    d = config.hidden_size
+    names = ["gate", "up", "down"] if config.gated else ["up", "down"]
+    parts, offset = [], 0
+    for name in names:
+        parts.append(BundlePart(name, offset, d))
+        offset += d
+    if config.mlp_bias:
+        for name in (["gate_bias", "up_bias"] if config.gated else ["up_bias"]):
+            parts.append(BundlePart(name, offset, 1))
+            offset += 1
+    return BundleLayout(tuple(parts), dtype)
+
+
+@dataclass(frozen=True)
+class LayerRegion:
+    """Where one layer's bundles live in the FFN file. Slot j holds neuron order[j]."""
+
+    offset: int
+    neurons: int
+    nbytes: int
+    sha256: str
+    order: tuple[int, ...] | None = None
+
+    def permutation(self) -> np.ndarray:
+        if self.order is None:
+            return np.arange(self.neurons, dtype=np.int64)
+        return np.asarray(self.order, dtype=np.int64)
+
+
+def align_up(value: int, alignment: int = ALIGNMENT) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+class FlashModelDir:
+    """A converted model directory, opened and checked for completeness."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise LLMFlashError(f"not an llmflash model directory: {self.path} does not exist")
+        if not manifest_path.exists():
+            hint = " (an unfinished conversion?)" if ".tmp" in self.path.name else ""
+            raise LLMFlashError(
+                f"not an llmflash model directory: no {MANIFEST} in {self.path}{hint}; "
+                "create one with `llmflash convert`"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LLMFlashError(f"corrupted manifest {manifest_path}: {exc}") from None
+        if self.manifest.get("format") != FORMAT_NAME:
+            raise LLMFlashError(f"{manifest_path} is not an llmflash manifest")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise LLMFlashError(
+                f"{manifest_path} has format version {version}; this llmflash reads version "
+                f"{FORMAT_VERSION}: convert the model again"
+            )
+        try:
+            self.config = ModelConfig.from_dict(self.manifest["config"])
+            ffn = self.manifest["ffn"]
+            self.bundle = BundleLayout.from_dict(ffn["bundle"])
+            self.layers = [
+                LayerRegion(
+                    offset=r["offset"],
+                    neurons=r["neurons"],
+                    nbytes=r["bytes"],
+                    sha256=r["sha256"],
+                    order=tuple(r["order"]) if r.get("order") is not None else None,
+                )
+                for r in ffn["layers"]
+            ]
+        except (KeyError, TypeError) as exc:
+            raise LLMFlashError(f"corrupted manifest {manifest_path}: missing or bad field {exc}") from None
+        self._check_files_present()
+
+    # -- files ---------------------------------------------------------------------------------
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest["files"]
+
+    @property
+    def resident_path(self) -> Path:
+        return self.path / RESIDENT_FILE
+
+    @property
+    def ffn_path(self) -> Path:
+        return self.path / FFN_FILE
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["dtype"]
+
+    def _check_files_present(self) -> None:
+        for name, info in self.files.items():
+            file = self.path / name
+            if not file.exists():
+                raise LLMFlashError(f"missing file {file} (listed in {self.path / MANIFEST})")
+            size = file.stat().st_size
+            if size != info["bytes"]:
+                kind = "truncated" if size < info["bytes"] else "oversized"
+                raise LLMFlashError(
+                    f"{kind} file {file}: {size} bytes, manifest says {info['bytes']}"
+                )
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Check every file and every FFN layer against the manifest; return the problems found."""
+        problems: list[str] = []
+        try:
+            self._check_files_present()
+        except LLMFlashError as exc:
+            return [str(exc)]
+        items = list(self.files.items())
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, desc="verify", unit="file")
+        for name, info in items:
+            if sha256_file(self.path / name) != info["sha256"]:
+                problems.append(f"checksum mismatch: {self.path / name}")
+        if any(self.ffn_path.name in p for p in problems):
+            for i, region in enumerate(self.layers):
+                if sha256_file(self.ffn_path, region.offset, region.nbytes) != region.sha256:
+                    problems.append(f"checksum mismatch: {self.ffn_path} layer {i} "
+                                    f"(bytes {region.offset}..{region.offset + region.nbytes})")
+        return problems
+
+    # -- resident part -------------------------------------------------------------------------
+    def resident_names(self) -> list[str]:
+        with safe_open(str(self.resident_path), framework="pt") as f:
+            return list(f.keys())
+
+    def load_resident(self, dtype: torch.dtype = torch.float32, verify: bool = True) -> dict[str, torch.Tensor]:
+        """All resident tensors, cast to the compute dtype. Checks the file's checksum first."""
+        info = self.files[RESIDENT_FILE]
+        if verify and sha256_file(self.resident_path) != info["sha256"]:
+            raise LLMFlashError(f"checksum mismatch: {self.resident_path}; run `llmflash verify`")
+        out = {}
+        try:
+            with safe_open(str(self.resident_path), framework="pt") as f:
+                for name in f.keys():
+                    out[name] = f.get_tensor(name).to(dtype)
+        except LLMFlashError:
+            raise
+        except Exception as exc:
+            raise LLMFlashError(f"cannot read {self.resident_path}: {exc}") from None
+        return out
+
+    # -- FFN bundles ---------------------------------------------------------------------------
+    def bundles_from_bytes(self, raw: np.ndarray) -> torch.Tensor:
+        """View raw bundle bytes [n, bundle_bytes] as a [n, elements] tensor of the stored dtype."""
+        flat = np.ascontiguousarray(raw).reshape(-1)
+        t = torch.from_numpy(flat.view(NUMPY_VIEW[self.bundle.dtype]))
+        if self.bundle.dtype == "bfloat16":
+            t = t.view(torch.bfloat16)
+        return t.reshape(-1, self.bundle.elements)
+
+    def read_layer_bundles(self, layer: int, verify: bool = True) -> torch.Tensor:
+        """A whole layer's bundles in slot order, [neurons, elements], read with buffered I/O."""
+        region = self.layers[layer]
+        raw = np.empty(region.nbytes, dtype=np.uint8)
+        with open(self.ffn_path, "rb") as f:
+            f.seek(region.offset)
+            got = f.readinto(memoryview(raw))
+        if got != region.nbytes:
+            raise LLMFlashError(f"truncated file {self.ffn_path}: layer {layer} is cut short")
+        if verify and hashlib.sha256(raw).hexdigest() != region.sha256:
+            raise LLMFlashError(
+                f"checksum mismatch: {self.ffn_path} layer {layer}; run `llmflash verify`"
+            )
+        return self.bundles_from_bytes(raw.reshape(region.neurons, self.bundle.nbytes))
+
+    def weights_nbytes(self) -> dict[str, int]:
+        """Bytes of the stored weights: resident part and FFN bundles (without padding)."""
+        ffn = sum(r.nbytes for r in self.layers)
+        return {"resident": self.files[RESIDENT_FILE]["bytes"], "ffn": ffn}
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
