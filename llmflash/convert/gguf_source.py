@@ -1,0 +1,542 @@
+"""Import from a llama.cpp GGUF file of the "llama" architecture (SmolLM2, Llama, Mistral, ...).
+
+A GGUF carries the config, the tokenizer and the (usually quantized) weights in one file, under
+llama.cpp's names and layouts. This module presents it as a `ModelSource`: transformers-named
+tensors, dequantized to float32 in transformers' orientation, a config.json-style dict and a
+`tokenizers` tokenizer.json, so the flash-layout writer never learns the weights came from a GGUF.
+
+Parsing and dequantization are the `gguf` package's (llama.cpp's own Python reader); this module
+only maps names, undoes llama.cpp's q/k row permutation and rebuilds the tokenizer. It needs only
+gguf, numpy, torch and tokenizers at run time (transformers is the reference in the tests only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmflash.convert.source import TokenizerSpec
+from llmflash.errors import LLMFlashError
+
+# llama.cpp tensor-name suffix (after "blk.{i}.") -> transformers suffix (after "model.layers.{i}.").
+# The order is transformers' module order, which tensor_names() follows.
+_LAYER_TENSORS: dict[str, str] = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+# GGUF tensors that are not weights of the transformers model: llama.cpp derives them from the
+# config (Llama 3.x rope frequency factors, rebuilt into rope_scaling by _llama3_rope_scaling).
+_CONFIG_TENSORS = {"rope_freqs.weight"}
+
+# llama.cpp's tokenizer.ggml.token_type values.
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+# GPT-2's split regex, as tokenizers' ByteLevel(use_regex=True) applies it.
+_PRE_GPT2 = {"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"}
+# llama.cpp splits every digit off first, then applies the GPT-2 regex (llama-vocab.cpp, the case
+# for LLAMA_VOCAB_PRE_TYPE_SMOLLM & co). That is also what SmolLM2's own tokenizer.json does:
+# Digits(individual_digits=True) then ByteLevel.
+_PRE_DIGITS_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+# Llama 3's tiktoken-style regex; llama.cpp also sets ignore_merges for it (whole-word vocab hits
+# win over merges), as does Llama 3's tokenizer.json.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx", "pixtral"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet byte-level BPE vocabularies use.
+
+    A GGUF stores byte-level tokens already spelled in it; a token that is not (some files write
+    user tokens as raw text) has to be respelled to be reachable by the BPE model.
+    """
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation, giving transformers' row order back.
+
+    llama.cpp's convert_hf_to_gguf.py stores q and k with the rows of each head interleaved
+    (row 2j = HF row j, row 2j+1 = HF row j + head_dim/2) so that its RoPE rotates adjacent pairs;
+    transformers rotates the two halves of each head. The inverse is: view the rows as
+    [n_head, head_dim/2, 2], swap the last two axes. n_head is the number of heads the tensor has
+    rows for: num_attention_heads for q, num_key_value_heads for k.
+    """
+    rows = weight.shape[0]
+    half = rows // n_head // 2
+    return weight.reshape(n_head, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+class GGUFSource:
+    """A GGUF file of architecture "llama", seen through the `ModelSource` interface.
+
+    The file is memory-mapped by gguf.GGUFReader; the constructor reads only metadata and tensor
+    headers and checks them (architecture, truncation, every expected tensor present with the shape
+    the config implies), so a bad file fails here with a message naming it, not midway through a
+    conversion.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LLMFlashError(f"GGUF file not found: {self.path}")
+        try:
+            import gguf
+
+            self._gguf = gguf
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as exc:  # the reader raises ValueError, IndexError, OSError... on bad bytes
+            raise LLMFlashError(
+                f"cannot read GGUF file {self.path} (not a GGUF file, or truncated or corrupt): {exc}"
+            ) from None
+        self._check_sizes()
+        arch = self._meta("general.architecture", None)
+        if arch != "llama":
+            raise LLMFlashError(
+                f"unsupported GGUF architecture {arch!r} in {self.path}: only 'llama' "
+                "(Llama, SmolLM2, Mistral-as-llama) GGUF files can be imported"
+            )
+        if int(self._meta("llama.expert_count", 0) or 0) > 0:
+            raise LLMFlashError(
+                f"mixture-of-experts llama GGUF (llama.expert_count="
+                f"{self._meta('llama.expert_count')}) is not supported: {self.path}"
+            )
+        self._by_gguf_name = {t.name: t for t in self._reader.tensors}
+        self._config = self._build_config()
+        self._hf_to_gguf = self._map_tensor_names()
+
+    # ----------------------------------------------------------------- metadata
+
+    _MISSING = object()
+
+    def _meta(self, key: str, default: Any = _MISSING) -> Any:
+        """One metadata value as a plain Python value (str, int, float, bool or list)."""
+        field = self._reader.fields.get(key)
+        if field is None:
+            if default is self._MISSING:
+                raise LLMFlashError(f"GGUF metadata key {key!r} missing in {self.path}")
+            return default
+        try:
+            value = field.contents()
+        except Exception as exc:
+            raise LLMFlashError(f"GGUF metadata key {key!r} unreadable in {self.path}: {exc}") from None
+        if isinstance(value, np.generic):
+            value = value.item()
+        return value
+
+    def _meta_int(self, key: str, default: Any = _MISSING) -> Any:
+        """An integer hyperparameter; a per-layer array must be uniform (Llama has one value)."""
+        value = self._meta(key, default)
+        if isinstance(value, list):
+            if not value or len(set(value)) != 1:
+                raise LLMFlashError(
+                    f"per-layer values for {key!r} ({value[:8]}...) are not supported: {self.path}"
+                )
+            value = value[0]
+        return value if value is None else int(value)
+
+    def _check_sizes(self) -> None:
+        """Refuse a file shorter than its tensor table says (a truncated download).
+
+        GGUFReader memory-maps the file and may build views that run past its end without
+        complaint; reading one would then fail with an unhelpful error or a short array.
+        """
+        size = self.path.stat().st_size
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size or t.data.nbytes != int(t.n_bytes):
+                raise LLMFlashError(
+                    f"truncated GGUF file {self.path}: tensor {t.name} needs bytes up to {end}, "
+                    f"file has {size}"
+                )
+
+    def _build_config(self) -> dict:
+        """The transformers LlamaConfig fields, from llama.cpp's metadata keys."""
+        hidden = self._meta_int("llama.embedding_length")
+        heads = self._meta_int("llama.attention.head_count")
+        kv_heads = self._meta_int("llama.attention.head_count_kv", heads)
+        head_dim = self._meta_int("llama.attention.key_length", None)
+        if head_dim is None:
+            head_dim = self._meta_int("llama.rope.dimension_count", None)
+        if head_dim is None:
+            head_dim = hidden // heads
+        value_dim = self._meta_int("llama.attention.value_length", head_dim)
+        if value_dim != head_dim:
+            raise LLMFlashError(
+                f"key length {head_dim} != value length {value_dim} is not a Llama model: {self.path}"
+            )
+        rope_dims = self._meta_int("llama.rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise LLMFlashError(
+                f"partial rotary embedding (rope.dimension_count {rope_dims} of head_dim "
+                f"{head_dim}) is not supported: {self.path}"
+            )
+        if heads % kv_heads:
+            raise LLMFlashError(f"{heads} attention heads not divisible by {kv_heads} kv heads: {self.path}")
+        vocab = self._meta_int("llama.vocab_size", None)
+        if vocab is None:
+            field = self._reader.fields.get("tokenizer.ggml.tokens")
+            if field is not None:
+                vocab = len(field.data)
+            elif "token_embd.weight" in self._by_gguf_name:
+                vocab = int(self._by_gguf_name["token_embd.weight"].shape[-1])
+            else:
+                raise LLMFlashError(f"cannot tell the vocabulary size of {self.path}")
+        rope_theta = float(self._meta("llama.rope.freq_base", 10000.0))
+        config: dict[str, Any] = {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": self._meta_int("llama.feed_forward_length"),
+            "num_hidden_layers": self._meta_int("llama.block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "head_dim": head_dim,
+            "rms_norm_eps": float(self._meta("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": rope_theta,
+            "rope_scaling": self._rope_scaling(head_dim, rope_theta),
+            "max_position_embeddings": self._meta_int("llama.context_length", 2048),
+            "hidden_act": "silu",
+            "tie_word_embeddings": "output.weight" not in self._by_gguf_name,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
+        for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                          ("pad_token_id", "padding_token_id")):
+            value = self._meta_int(f"tokenizer.ggml.{key}", None)
+            if value is not None:
+                config[name] = value
+        return config
+
+    def _rope_scaling(self, head_dim: int, rope_theta: float) -> dict | None:
+        """rope_scaling from llama.rope.scaling.* keys, or from a Llama 3.x rope_freqs tensor."""
+        kind = self._meta("llama.rope.scaling.type", None)
+        factor = self._meta("llama.rope.scaling.factor", None)
+        if kind is None and self._meta("llama.rope.scale_linear", None) is not None:
+            kind, factor = "linear", self._meta("llama.rope.scale_linear")  # older files
+        if "rope_freqs.weight" in self._by_gguf_name:
+            if kind not in (None, "none"):
+                raise LLMFlashError(
+                    f"both rope_freqs and rope scaling type {kind!r} in {self.path}: not supported"
+                )
+            return self._llama3_rope_scaling(head_dim, rope_theta)
+        if kind in (None, "none"):
+            return None
+        if factor is None:
+            raise LLMFlashError(f"rope scaling type {kind!r} without a factor in {self.path}")
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": float(factor)}
+        if kind == "yarn":
+            scaling: dict[str, Any] = {"rope_type": "yarn", "factor": float(factor)}
+            original = self._meta("llama.rope.scaling.original_context_length", None)
+            if original is not None:
+                scaling["original_max_position_embeddings"] = int(original)
+            for key, hf_key in (("attn_factor", "attention_factor"),
+                                ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+                value = self._meta(f"llama.rope.scaling.{key}", None)
+                if value is not None:
+                    scaling[hf_key] = float(value)
+            return scaling
+        raise LLMFlashError(f"unsupported rope scaling type {kind!r} in {self.path}")
+
+    def _llama3_rope_scaling(self, head_dim: int, rope_theta: float) -> dict:
+        """Recover Llama 3.x's rope_scaling from the per-frequency factors llama.cpp stores.
+
+        llama.cpp keeps no llama3 rope_scaling keys: its converter evaluates the formula into a
+        rope_freqs tensor. We find the (factor, low/high_freq_factor, original context) that
+        reproduces that tensor, trying the values Meta's releases use, and refuse the file rather
+        than guess when none fits: wrong rope frequencies change every position's output.
+        """
+        t = self._by_gguf_name["rope_freqs.weight"]
+        stored = self._gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+        if stored.shape[0] != head_dim // 2:
+            raise LLMFlashError(
+                f"rope_freqs has {stored.shape[0]} entries, expected {head_dim // 2}: {self.path}"
+            )
+        freqs = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+        factor = float(stored.max())
+        for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+            for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
+                expected = []
+                for freq in freqs.astype(np.float64):
+                    wavelen = 2 * math.pi / freq
+                    if wavelen < original / high:
+                        expected.append(1.0)
+                    elif wavelen > original / low:
+                        expected.append(factor)
+                    else:
+                        smooth = (original / wavelen - low) / (high - low)
+                        expected.append(1 / ((1 - smooth) / factor + smooth))
+                if np.allclose(stored, expected, rtol=1e-4, atol=1e-5):
+                    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": original}
+        raise LLMFlashError(
+            f"rope_freqs tensor in {self.path} matches no llama3 rope scaling we recognise"
+        )
+
+    def _map_tensor_names(self) -> dict[str, str]:
+        """HF name -> GGUF name for every model tensor, checking presence and shapes.
+
+        A GGUF tensor we have no place for (attention biases, MoE experts...) means a variant we
+        would silently mis-convert, so it is refused rather than dropped.
+        """
+        cfg = self._config
+        hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+        q_rows = cfg["num_attention_heads"] * cfg["head_dim"]
+        kv_rows = cfg["num_key_value_heads"] * cfg["head_dim"]
+        ffn, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+        layer_shapes = {
+            "attn_q.weight": (q_rows, hidden), "attn_k.weight": (kv_rows, hidden),
+            "attn_v.weight": (kv_rows, hidden), "attn_output.weight": (hidden, q_rows),
+            "ffn_gate.weight": (ffn, hidden), "ffn_up.weight": (ffn, hidden),
+            "ffn_down.weight": (hidden, ffn), "attn_norm.weight": (hidden,),
+            "ffn_norm.weight": (hidden,),
+        }
+        wanted: list[tuple[str, str, tuple[int, ...]]] = [
+            ("model.embed_tokens.weight", "token_embd.weight", (vocab, hidden))
+        ]
+        for i in range(layers):
+            for suffix, hf_suffix in _LAYER_TENSORS.items():
+                wanted.append((f"model.layers.{i}.{hf_suffix}", f"blk.{i}.{suffix}", layer_shapes[suffix]))
+        wanted.append(("model.norm.weight", "output_norm.weight", (hidden,)))
+        if not cfg["tie_word_embeddings"]:
+            wanted.append(("lm_head.weight", "output.weight", (vocab, hidden)))
+        mapping: dict[str, str] = {}
+        for hf_name, gguf_name, shape in wanted:
+            tensor = self._by_gguf_name.get(gguf_name)
+            if tensor is None:
+                raise LLMFlashError(f"tensor {gguf_name} ({hf_name}) missing in {self.path}")
+            actual = self._gguf_shape(gguf_name)
+            if actual != shape:
+                raise LLMFlashError(
+                    f"tensor {gguf_name} has shape {actual}, the config implies {shape}: {self.path}"
+                )
+            mapping[hf_name] = gguf_name
+        extra = sorted(set(self._by_gguf_name) - set(mapping.values()) - _CONFIG_TENSORS)
+        if extra:
+            raise LLMFlashError(
+                f"{len(extra)} unsupported tensors in {self.path}, e.g. {extra[0]} "
+                "(biases and mixture-of-experts llama variants are not supported)"
+            )
+        return mapping
+
+    def _gguf_shape(self, gguf_name: str) -> tuple[int, ...]:
+        """Shape in numpy/torch order: GGUF lists dimensions innermost first ([in, out])."""
+        return tuple(int(d) for d in reversed(self._by_gguf_name[gguf_name].shape))
+
+    # --------------------------------------------------------------- interface
+
+    def hf_config(self) -> dict:
+        """A transformers config.json dict for LlamaForCausalLM (a fresh copy each call)."""
+        return json.loads(json.dumps(self._config))
+
+    def tensor_names(self) -> list[str]:
+        """HF names in transformers' module order: embeddings, layers 0..n-1, norm, lm_head."""
+        return list(self._hf_to_gguf)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """HF-orientation shape from the tensor header, without dequantizing anything."""
+        return self._gguf_shape(self._gguf_name(name))
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One tensor dequantized to float32, in HF orientation and (for q/k) HF row order.
+
+        Only this tensor's bytes are touched: the reader's arrays are views into the memory map.
+        """
+        gguf_name = self._gguf_name(name)
+        tensor = self._by_gguf_name[gguf_name]
+        try:
+            array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as exc:  # unsupported quant type, or bytes that do not fit the shape
+            raise LLMFlashError(
+                f"cannot dequantize {gguf_name} ({tensor.tensor_type.name}) in {self.path}: {exc}"
+            ) from None
+        array = np.asarray(array, dtype=np.float32)
+        if np.shares_memory(array, tensor.data) or not array.flags.writeable:
+            array = array.copy()  # never hand out a view of the read-only memory map
+        out = torch.from_numpy(array).reshape(self._gguf_shape(gguf_name))
+        if gguf_name.endswith(".attn_q.weight"):
+            out = _reverse_llama_permute(out, self._config["num_attention_heads"])
+        elif gguf_name.endswith(".attn_k.weight"):
+            out = _reverse_llama_permute(out, self._config["num_key_value_heads"])
+        return out.contiguous()
+
+    def _gguf_name(self, name: str) -> str:
+        gguf_name = self._hf_to_gguf.get(name)
+        if gguf_name is None:
+            raise LLMFlashError(f"tensor {name} not found in {self.path}")
+        return gguf_name
+
+    # --------------------------------------------------------------- tokenizer
+
+    def tokenizer(self) -> TokenizerSpec:
+        """A `tokenizers` tokenizer.json rebuilt from the GGUF's tokenizer.ggml.* metadata.
+
+        Only byte-level BPE vocabularies (tokenizer.ggml.model "gpt2": SmolLM2, Llama 3) are
+        rebuilt; sentencepiece ("llama": Llama 2, Mistral) is refused with a clear error.
+        """
+        model = self._meta("tokenizer.ggml.model", None)
+        if model is None:
+            raise LLMFlashError(f"no tokenizer in GGUF file {self.path}")
+        if model != "gpt2":
+            raise LLMFlashError(
+                f"unsupported tokenizer model {model!r} in {self.path}: only byte-level BPE "
+                "('gpt2') GGUF tokenizers can be imported"
+            )
+        tokens = self._meta("tokenizer.ggml.tokens")
+        merges = self._meta("tokenizer.ggml.merges", None)
+        if merges is None:
+            raise LLMFlashError(f"byte-level BPE tokenizer without merges in {self.path}")
+        types = self._meta("tokenizer.ggml.token_type", None) or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise LLMFlashError(
+                f"{len(types)} token types for {len(tokens)} tokens in {self.path}"
+            )
+        pre = self._meta("tokenizer.ggml.pre", "default")
+        tokenizer, pre_used = _byte_level_bpe(tokens, merges, types, pre, self.path)
+
+        bos_id = self._meta_int("tokenizer.ggml.bos_token_id", None)
+        eos_id = self._meta_int("tokenizer.ggml.eos_token_id", None)
+        add_bos = bool(self._meta("tokenizer.ggml.add_bos_token", False))
+        add_eos = bool(self._meta("tokenizer.ggml.add_eos_token", False))
+
+        def token(index: int | None) -> str | None:
+            if index is None:
+                return None
+            if not 0 <= index < len(tokens):
+                raise LLMFlashError(f"special token id {index} out of range in {self.path}")
+            return tokens[index]
+
+        bos, eos = token(bos_id), token(eos_id)
+        _set_post_processor(tokenizer, bos if add_bos else None, bos_id,
+                            eos if add_eos else None, eos_id, self.path)
+        return TokenizerSpec(
+            tokenizer_json=tokenizer.to_str(),
+            chat_template=self._meta("tokenizer.chat_template", None),
+            bos_token=bos,
+            eos_token=eos,
+            extra={
+                "add_bos_token": add_bos,
+                "add_eos_token": add_eos,
+                "pad_token": token(self._meta_int("tokenizer.ggml.padding_token_id", None)),
+                "unk_token": token(self._meta_int("tokenizer.ggml.unknown_token_id", None)),
+                "gguf_pre_tokenizer": pre,
+                "pre_tokenizer_used": pre_used,
+            },
+        )
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre: str,
+                    path: Path) -> tuple[Any, str]:
+    """The BPE model, pre-tokenizer, decoder and added tokens of a byte-level vocabulary.
+
+    Returns the tokenizer and the name of the pre-tokenizer family used ("digits+gpt2", "gpt2",
+    "llama3"); an unknown tokenizer.ggml.pre falls back to GPT-2's split, as transformers does.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    special: list[Any] = []
+    user: list[Any] = []
+    for index, (text, kind) in enumerate(zip(tokens, types)):
+        in_alphabet = set(text) <= alphabet
+        if kind == _TOKEN_USER_DEFINED and text:
+            # Matched whole in the raw text (as llama.cpp does), so the vocab key stays raw text;
+            # ByteLevel decoding passes tokens with non-alphabet characters through as UTF-8.
+            key = text
+            user.append(AddedToken(text, normalized=False, special=False))
+        elif in_alphabet:
+            key = text
+            if kind == _TOKEN_CONTROL and text:
+                special.append(AddedToken(text, normalized=False, special=True))
+        else:
+            # Raw text outside the byte alphabet: respelled so BPE can reach it. A control token
+            # here is a llama.cpp mislabel; like transformers, it is not made an added token.
+            key = "".join(spelling[b] for b in text.encode("utf-8"))
+        vocab.setdefault(key, index)  # on a clash the first id wins; later ones are unreachable
+
+    pairs: list[tuple[str, str]] = []
+    for merge in merges:
+        parts = merge.split(" ")
+        if len(parts) != 2:
+            raise LLMFlashError(f"malformed BPE merge {merge!r} in {path}")
+        pairs.append((parts[0], parts[1]))
+
+    if pre in _PRE_LLAMA3:
+        family, ignore_merges = "llama3", True
+        pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+    elif pre in _PRE_DIGITS_GPT2:
+        family, ignore_merges = "digits+gpt2", False
+        pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])
+    else:
+        family, ignore_merges = "gpt2", False
+        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                                 use_regex=True)
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
+                         fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+    except Exception as exc:  # a merge naming a token not in the vocabulary
+        raise LLMFlashError(f"inconsistent BPE vocabulary/merges in {path}: {exc}") from None
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    if special:
+        tokenizer.add_special_tokens(special)
+    if user:
+        tokenizer.add_tokens(user)
+    return tokenizer, family
+
+
+def _set_post_processor(tokenizer: Any, bos: str | None, bos_id: int | None, eos: str | None,
+                        eos_id: int | None, path: Path) -> None:
+    """BOS/EOS insertion as tokenizer.ggml.add_bos_token / add_eos_token ask for."""
+    from tokenizers import processors
+
+    if (bos is not None and bos_id is None) or (eos is not None and eos_id is None):
+        raise LLMFlashError(f"add_bos/add_eos set without the token id in {path}")
+    first = [t for t in (bos,) if t is not None]
+    last = [t for t in (eos,) if t is not None]
+    # List form, so a token with a space in it stays one piece of the template.
+    single = first + ["$A"] + last
+    pair = single + [f"{t}:1" for t in first] + ["$B:1"] + [f"{t}:1" for t in last]
+    special = list(dict.fromkeys((t, i) for t, i in ((bos, bos_id), (eos, eos_id)) if t is not None))
+    try:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=special
+        )
+    except Exception as exc:  # e.g. a token containing ':' that the template syntax cannot hold
+        raise LLMFlashError(f"cannot build the BOS/EOS template for {path}: {exc}") from None
