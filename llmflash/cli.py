@@ -53,6 +53,23 @@ def _add_generate_args(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (default float32)")
+    _add_mode_args(p)
+    p.add_argument("--stats", action="store_true",
+                   help="print the per-token I/O / memory / compute table at the end")
+
+
+def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
+    from llmflash.engine.modes import MODES, SPARSITY
+
+    if mode:
+        p.add_argument("--mode", default="dense", choices=MODES,
+                       help="dense (all in DRAM, default), flash (ours), naive, hybrid, mmap")
+    p.add_argument("--memory", default="50%",
+                   help="memory budget for flash/hybrid: a share of the stored model (50%%) or a size (300MiB)")
+    p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached (flash)")
+    p.add_argument("--sparsity", default="predictor", choices=SPARSITY,
+                   help="how flash mode picks neurons: trained predictors, or the exact oracle")
+    p.add_argument("--threads", type=int, default=32, help="reads in flight (flash, naive, hybrid)")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +109,8 @@ def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> i
     timing = result.timing()
     if args.json:
         out = {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
-               "finish_reason": result.finish_reason, "timing": timing}
+               "finish_reason": result.finish_reason, "mode": args.mode, "timing": timing,
+               "stats": result.stats}
         print(json.dumps(out))
     else:
         if engine.tokenizer is None:
@@ -104,6 +122,10 @@ def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> i
               f"{len(result.token_ids)} generated, "
               f"{'n/a' if tps is None else f'{tps:.1f}'} tokens/s decode; stop: {result.finish_reason}]",
               file=sys.stderr)
+        if args.stats:
+            from llmflash.engine.report import stats_table
+
+            print(stats_table(result.stats, args.mode), file=sys.stderr)
     return 0
 
 
@@ -113,10 +135,17 @@ def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def make_engine(model: Path, args: argparse.Namespace):
+    from llmflash.engine.modes import RunOptions, ffn_factory
     from llmflash.engine.runtime import Engine
 
-    engine = Engine(args.model, dtype=_dtype(args.dtype))
+    options = RunOptions(mode=args.mode, memory=args.memory, window=args.window,
+                         sparsity=args.sparsity, threads=args.threads)
+    return Engine(model, dtype=_dtype(args.dtype), ffn=ffn_factory(options))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = make_engine(args.model, args)
     return run_generation(engine, _prompt_ids(engine, args), args)
 
 
@@ -150,11 +179,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmflash.defaults import default_model_dir
-    from llmflash.engine.runtime import Engine
 
     model = default_model_dir(args.models_dir)
     print(f"model: {model}", file=sys.stderr)
-    engine = Engine(model, dtype=_dtype(args.dtype))
+    engine = make_engine(model, args)
     print(f"prompt: {args.prompt}", file=sys.stderr)
     return run_generation(engine, engine.require_tokenizer().encode_chat(args.prompt), args)
 

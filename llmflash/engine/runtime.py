@@ -6,6 +6,7 @@ the mode (dense here; sparse and flash providers come from their own modules).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class GenerationResult:
     finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (context window full)
     prefill_s: float
     decode_s: list[float] = field(default_factory=list)  # seconds per generated token
+    stats: dict = field(default_factory=dict)  # bytes, reads, latency split per token
 
     def timing(self) -> dict:
         decode_total = sum(self.decode_s[1:]) if len(self.decode_s) > 1 else 0.0
@@ -43,6 +45,52 @@ class GenerationResult:
             "tokens_per_s": decoded / decode_total if decode_total > 0 else None,
             "per_token_s": self.decode_s[1:],
         }
+
+
+def process_read_bytes() -> int:
+    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
+    """Per-token split: I/O, memory management, compute (the rest of each step's wall time).
+
+    Entry 0 of a provider's log is the prompt pass; entries 1.. are the decode steps. Providers
+    without a log (dense) did no I/O after loading: all of a step is compute.
+    """
+    steps = [prefill_s] + list(decode_s)
+    log = getattr(ffn, "log", None)
+    if log is None or not log.io_s:
+        zeros = [0.0] * len(steps)
+        io, mem, sel, nbytes, reads = zeros, zeros, zeros, [0] * len(steps), [0] * len(steps)
+        extra: dict = {}
+    else:
+        io, mem, sel, nbytes, reads = log.io_s, log.mem_s, log.select_s, log.bytes, log.reads
+        extra = {"neurons_loaded": log.neurons_loaded[1:], "rows_used": log.rows_used[1:],
+                 "window_shrunk_layers": log.window_shrunk[1:],
+                 "dropped_neurons": log.dropped[1:]}
+    n = min(len(steps), len(io))
+    ms = lambda values: [round(v * 1000, 4) for v in values[1:n]]  # noqa: E731
+    out = {
+        "io_ms": ms(io), "mem_ms": ms(mem),
+        "compute_ms": ms([steps[i] - io[i] - mem[i] for i in range(n)]),
+        "select_ms": ms(sel),
+        "bytes_per_token": list(nbytes[1:n]), "reads_per_token": list(reads[1:n]),
+        "prefill": {"io_ms": round(io[0] * 1000, 3), "mem_ms": round(mem[0] * 1000, 3),
+                    "bytes": nbytes[0], "reads": reads[0]},
+        "ffn_bytes_read": int(sum(nbytes[:n])), "reads": int(sum(reads[:n])),
+    }
+    out.update({k: v[: n - 1] for k, v in extra.items()})
+    if hasattr(ffn, "stats"):
+        out.update(ffn.stats())
+    return out
 
 
 def load_tokenizer(model_dir: FlashModelDir) -> Tokenizer | None:
@@ -65,6 +113,7 @@ class Engine:
 
     def __init__(self, path: Path | str, dtype: torch.dtype = torch.float32,
                  ffn: Callable[[FlashModelDir, torch.dtype], FFNProvider] | None = None):
+        self.read_bytes_at_start = process_read_bytes()
         self.dir = FlashModelDir(path)
         self.config = self.dir.config
         self.dtype = dtype
@@ -133,4 +182,7 @@ class Engine:
             result.decode_s.append(time.perf_counter() - t0)
         if self.tokenizer is not None:
             result.text = self.tokenizer.decode(result.token_ids)
+        result.stats = token_stats(self.ffn, result.prefill_s, result.decode_s[1:])
+        # Everything this process read from storage since the engine started, resident load included.
+        result.stats["bytes_read"] = process_read_bytes() - self.read_bytes_at_start
         return result

@@ -1,0 +1,289 @@
+"""FFN providers that keep the FFN on flash: ours (flash) and the baselines (naive, hybrid, mmap).
+
+flash (PAPER.md §3-§6), per layer and token:
+    selector(x) -> neuron set S_t  (predictor, or an oracle for exactness tests)
+    cache.step(S_t) -> neurons the window does not hold yet; evictions happen here
+    reader.read_bundles(...) -> only those bundles, coalesced, O_DIRECT, many in flight
+    cache.fill(...) ; FFN over the cache's used rows
+Prompts (more than one token at once) stream each layer's bundles through the cache's rows in
+chunks, which computes the exact dense FFN without exceeding the budget, then seed the cache with
+the last prompt token's neurons.
+
+Every provider logs per-token I/O and memory-management time, bytes and reads in `log`; the
+engine turns the rest of a step's wall time into compute time.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from llmflash.cache.neuron_cache import NeuronCache
+from llmflash.engine.ffn import BundleSlices, activate, ffn_from_rows
+from llmflash.engine.memory import MemoryPlan
+from llmflash.errors import LLMFlashError
+from llmflash.storage.direct_io import FlashFile, FlashReader, aligned_empty
+from llmflash.storage.layout import NUMPY_VIEW, FlashModelDir
+
+PREFILL_CHUNK_BYTES = 4 << 20  # bundles streamed per read while processing a prompt
+
+
+class NeuronSelector(Protocol):
+    """Chooses the neurons a token needs, before the FFN runs (PAPER.md §3)."""
+
+    name: str
+
+    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """Neuron ids (original index space), most important first, union over x's rows."""
+
+    def nbytes(self) -> int:
+        """Resident bytes this selector holds."""
+
+
+class OracleSelector:
+    """The truly active neurons, computed from a resident copy of the gate (or OPT's fc1) rows.
+
+    It is an instrument, not a method: it holds `nbytes()` of gate weights in DRAM that a real
+    deployment would not have, and the stats say so. It gives exactly dense results for ReLU and
+    FATReLU models, because every neuron it leaves out is exactly zero.
+    """
+
+    name = "oracle"
+
+    def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype):
+        cfg = model_dir.config
+        if cfg.hidden_act not in ("relu", "fatrelu"):
+            raise LLMFlashError(
+                f"oracle selection needs exact zeros (ReLU or FATReLU FFN); {model_dir.path} uses "
+                f"{cfg.hidden_act}: use --sparsity predictor after calibrating, or a relufied model")
+        s = BundleSlices(model_dir.bundle)
+        self.key = s.gate if s.gate is not None else s.up
+        self.key_bias = s.gate_bias if s.gate is not None else s.up_bias
+        self.act, self.threshold = cfg.hidden_act, cfg.act_threshold
+        self.weights, self.biases = [], []
+        for layer, region in enumerate(model_dir.layers):
+            rows = model_dir.read_layer_bundles(layer)
+            order = np.argsort(region.permutation())  # neuron id -> slot
+            rows = rows[torch.from_numpy(order)]
+            self.weights.append(rows[:, self.key].to(dtype).contiguous())
+            self.biases.append(None if self.key_bias is None
+                               else rows[:, self.key_bias].reshape(-1).to(dtype).contiguous())
+
+    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        pre = x @ self.weights[layer].t()
+        if self.biases[layer] is not None:
+            pre = pre + self.biases[layer]
+        act = activate(pre, self.act, self.threshold)
+        strength = act.abs().amax(dim=0)
+        ids = torch.nonzero(strength > 0).reshape(-1)
+        order = torch.argsort(strength[ids], descending=True)
+        return ids[order].numpy()
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.weights)
+
+
+@dataclass
+class TokenLog:
+    """Per-token counters of a flash-backed provider (one entry per forward pass)."""
+
+    io_s: list[float] = field(default_factory=list)
+    mem_s: list[float] = field(default_factory=list)
+    select_s: list[float] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
+    reads: list[int] = field(default_factory=list)
+    neurons_loaded: list[int] = field(default_factory=list)
+    rows_used: list[int] = field(default_factory=list)
+    window_shrunk: list[int] = field(default_factory=list)  # layers whose window shrank
+    dropped: list[int] = field(default_factory=list)  # active neurons that did not fit
+
+    def start(self) -> None:
+        for values in self.__dict__.values():
+            values.append(0)
+
+    def add(self, **kw: float) -> None:
+        for key, value in kw.items():
+            getattr(self, key)[-1] += value
+
+
+class _FlashBacked:
+    """Shared plumbing: the FFN file opened for direct I/O, a reader, a log, the bundle dtype."""
+
+    def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, reader: FlashReader | None):
+        self.dir = model_dir
+        self.dtype = dtype
+        cfg = model_dir.config
+        self.slices = BundleSlices(model_dir.bundle)
+        self.act, self.threshold = cfg.hidden_act, cfg.act_threshold
+        self.file = FlashFile(model_dir.ffn_path)
+        self.reader = reader or FlashReader()
+        self.bundle_bytes = model_dir.bundle.nbytes
+        self.log = TokenLog()
+
+    def _as_rows(self, raw: np.ndarray) -> torch.Tensor:
+        return self.dir.bundles_from_bytes(raw)
+
+    def _read(self, fn, *args) -> np.ndarray:
+        before = self.reader.stats.snapshot()
+        t0 = time.perf_counter()
+        out = fn(self.file, *args)
+        after = self.reader.stats
+        self.log.add(io_s=time.perf_counter() - t0, bytes=after.bytes - before.bytes,
+                     reads=after.reads - before.reads)
+        return out
+
+    def _layer_rows(self, layer: int, buffer: np.ndarray) -> torch.Tensor:
+        """A whole layer read from flash into `buffer` and viewed as rows (the baselines' path)."""
+        region = self.dir.layers[layer]
+        raw = self._read(self.reader.read_range, region.offset, region.nbytes, buffer)
+        rows = self._as_rows(raw[: region.nbytes].reshape(region.neurons, self.bundle_bytes))
+        return rows.to(self.dtype)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.file.close()
+
+
+class FlashFFN(_FlashBacked):
+    """Ours: predicted neurons only, windowed neuron cache, bundles read with direct I/O."""
+
+    def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, selector: NeuronSelector,
+                 plan: MemoryPlan, window: int, reader: FlashReader | None = None):
+        super().__init__(model_dir, dtype, reader)
+        self.selector = selector
+        self.plan = plan
+        self.window = window
+        n = model_dir.config.intermediate_size
+        self.caches = [
+            NeuronCache(n, plan.capacity_per_layer, model_dir.bundle.elements, window, dtype,
+                        reuse_holes=True)
+            for _ in range(model_dir.config.num_layers)
+        ]
+        # neuron id -> slot on flash (identity unless the layout reordered neurons)
+        self.slot_of = [np.argsort(r.permutation()) for r in model_dir.layers]
+        self._view = NUMPY_VIEW[model_dir.bundle.dtype]
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            self.log.start()
+        if x.shape[0] > 1:
+            return self._prompt(layer, x)
+        t0 = time.perf_counter()
+        ids = self.selector.select(layer, x)
+        self.log.add(select_s=time.perf_counter() - t0)
+        self._admit(layer, ids)
+        return ffn_from_rows(x, self.caches[layer].used_rows(), self.slices, self.act, self.threshold)
+
+    def _admit(self, layer: int, ids: np.ndarray) -> None:
+        cache = self.caches[layer]
+        t0 = time.perf_counter()
+        plan = cache.step(ids)
+        mem = time.perf_counter() - t0
+        if len(plan):
+            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
+                             self.bundle_bytes, self.slot_of[layer][plan.neurons])
+            t1 = time.perf_counter()
+            cache.fill(plan, self._as_rows(raw))
+            mem += time.perf_counter() - t1
+        self.log.add(mem_s=mem, neurons_loaded=len(plan), rows_used=cache.n_used,
+                     window_shrunk=int(plan.window_used < min(self.window, cache.t + 1)),
+                     dropped=len(plan.dropped))
+
+    def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window."""
+        cache = self.caches[layer]
+        cache.reset()
+        region = self.dir.layers[layer]
+        chunk = max(1, min(cache.capacity, PREFILL_CHUNK_BYTES // self.bundle_bytes))
+        y = torch.zeros_like(x)
+        for start in range(0, region.neurons, chunk):
+            k = min(chunk, region.neurons - start)
+            raw = self._read(self.reader.read_range, region.offset + start * self.bundle_bytes,
+                             k * self.bundle_bytes)
+            t0 = time.perf_counter()
+            cache.rows[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
+            self.log.add(mem_s=time.perf_counter() - t0)
+            y += ffn_from_rows(x, cache.rows[:k], self.slices, self.act, self.threshold)
+        cache.reset()
+        t0 = time.perf_counter()
+        ids = self.selector.select(layer, x[-1:])
+        self.log.add(select_s=time.perf_counter() - t0)
+        self._admit(layer, ids)
+        return y
+
+    def stats(self) -> dict:
+        return {"selector": self.selector.name, "selector_bytes": self.selector.nbytes(),
+                "window": self.window, "memory_plan": self.plan.to_dict(),
+                "direct_io": self.file.direct}
+
+
+class NaiveFFN(_FlashBacked):
+    """Baseline: every FFN layer read whole from flash for every token (nothing cached)."""
+
+    name = "naive"
+
+    def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, reader: FlashReader | None = None,
+                 resident_layers: int = 0):
+        super().__init__(model_dir, dtype, reader)
+        self.resident = {i: model_dir.read_layer_bundles(i).to(dtype) for i in range(resident_layers)}
+        largest = max(r.nbytes for r in model_dir.layers)
+        self.buffer = aligned_empty(largest + 4096)
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            self.log.start()
+        rows = self.resident.get(layer)
+        if rows is None:
+            rows = self._layer_rows(layer, self.buffer)
+        return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
+
+    def stats(self) -> dict:
+        return {"resident_ffn_layers": len(self.resident), "direct_io": self.file.direct}
+
+
+class MmapFFN:
+    """Baseline: ffn.bin memory-mapped and left to the OS page cache, as llama.cpp does.
+
+    Settings: a plain read-only shared mapping with the kernel's default read-ahead and no
+    madvise. Dense FFN over the mapped layer; when the compute dtype differs from the stored one
+    the layer is converted on the fly (a copy per token, as a dequantizing runtime would do).
+    """
+
+    name = "mmap"
+
+    def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype):
+        self.dir = model_dir
+        self.dtype = dtype
+        cfg = model_dir.config
+        self.slices = BundleSlices(model_dir.bundle)
+        self.act, self.threshold = cfg.hidden_act, cfg.act_threshold
+        self._file = open(model_dir.ffn_path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
+        raw = np.frombuffer(self._map, dtype=np.uint8)
+        self.layers = []
+        for region in model_dir.layers:
+            arr = raw[region.offset: region.offset + region.nbytes]
+            arr = arr.view(NUMPY_VIEW[model_dir.bundle.dtype]).reshape(region.neurons, -1)
+            self.layers.append(arr)
+        self.log = TokenLog()
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer == 0:
+            self.log.start()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only mapping: we never write
+            rows = torch.from_numpy(self.layers[layer])
+        if self.dir.bundle.dtype == "bfloat16":
+            rows = rows.view(torch.bfloat16)
+        rows = rows.to(self.dtype)
+        return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
+
+    def stats(self) -> dict:
+        return {"mmap": "MAP_SHARED read-only, default read-ahead, no madvise"}

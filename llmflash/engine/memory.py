@@ -1,0 +1,115 @@
+"""Memory planner: what stays resident, and how many neuron rows each layer's cache may hold.
+
+The budget is given as a share of the converted model's weights as stored (`50%`) or as bytes
+(`6GiB`). Selective persistence (PAPER.md §2): embeddings, attention, norms and predictors are
+resident; what is left of the budget goes to the per-layer neuron caches. Everything is counted
+in the bytes DRAM really holds, i.e. at the compute dtype, so a float16 model computed in float32
+needs twice its stored resident size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from llmflash.errors import LLMFlashError
+from llmflash.storage.layout import FlashModelDir
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(spec: str, model_bytes: int) -> int:
+    """'50%' of the stored model, or an absolute size such as '6GiB', '300MB', '123456'."""
+    text = spec.strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmgt]?i?b?)", text)
+    if not m:
+        raise LLMFlashError(f"cannot parse memory budget {spec!r}; use e.g. 50% or 6GiB")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise LLMFlashError(f"memory budget {spec!r} must be between 0% and 100%")
+        return int(model_bytes * value / 100)
+    if unit not in _UNITS:
+        raise LLMFlashError(f"unknown unit in memory budget {spec!r}")
+    return int(value * _UNITS[unit])
+
+
+def model_weight_bytes(model_dir: FlashModelDir) -> int:
+    """Stored weights: the resident file plus every FFN bundle (alignment padding excluded)."""
+    sizes = model_dir.weights_nbytes()
+    return sizes["resident"] + sizes["ffn"]
+
+
+def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
+    """DRAM bytes of the resident tensors once cast to the compute dtype."""
+    from safetensors import safe_open
+
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    with safe_open(str(model_dir.resident_path), framework="pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * item
+    return total
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int
+    model_bytes: int  # stored weights (the base of a percentage budget)
+    resident_bytes: int  # embeddings, attention, norms at the compute dtype
+    extra_resident_bytes: int  # predictors and other per-mode resident state
+    row_bytes: int  # one cached neuron at the compute dtype
+    neurons_per_layer: int
+    layers: int
+    capacity_per_layer: int  # neuron rows each layer's cache holds (flash)
+    resident_ffn_layers: int  # FFN layers kept whole in DRAM (hybrid)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.capacity_per_layer * self.row_bytes * self.layers
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.resident_bytes + self.extra_resident_bytes + self.cache_bytes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(cache_bytes=self.cache_bytes, planned_bytes=self.planned_bytes,
+                 capacity_fraction=self.capacity_per_layer / self.neurons_per_layer)
+        return d
+
+
+def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
+                extra_resident_bytes: int = 0) -> MemoryPlan:
+    """Split the budget: resident part first, the rest to neuron caches (uniform per layer)."""
+    cfg = model_dir.config
+    model_bytes = model_weight_bytes(model_dir)
+    budget_bytes = parse_budget(budget, model_bytes)
+    resident = resident_bytes_at(model_dir, dtype)
+    need = resident + extra_resident_bytes
+    row_bytes = model_dir.bundle.elements * torch.empty((), dtype=dtype).element_size()
+    if budget_bytes < need + row_bytes * cfg.num_layers:
+        raise LLMFlashError(
+            f"memory budget {budget} ({budget_bytes / 2**20:.1f} MiB) cannot hold the resident part "
+            f"of {model_dir.path}: {need / 2**20:.1f} MiB (embeddings, attention, norms"
+            f"{', predictors' if extra_resident_bytes else ''} at {str(dtype).replace('torch.', '')}) "
+            f"plus at least one neuron per layer; give at least "
+            f"{(need + row_bytes * cfg.num_layers) / 2**20:.1f} MiB "
+            f"({100 * (need + row_bytes * cfg.num_layers) / model_bytes:.1f}% of the stored model)")
+    free = budget_bytes - need
+    capacity = min(cfg.intermediate_size, free // (row_bytes * cfg.num_layers))
+    layer_bytes = row_bytes * cfg.intermediate_size
+    return MemoryPlan(
+        budget_bytes=budget_bytes, model_bytes=model_bytes, resident_bytes=resident,
+        extra_resident_bytes=extra_resident_bytes, row_bytes=row_bytes,
+        neurons_per_layer=cfg.intermediate_size, layers=cfg.num_layers,
+        capacity_per_layer=int(capacity),
+        resident_ffn_layers=int(min(cfg.num_layers, free // layer_bytes)),
+    )

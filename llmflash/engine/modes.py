@@ -1,0 +1,75 @@
+"""The run modes, each an FFN provider factory for Engine: ours and the paper's baselines.
+
+    dense   whole model in DRAM (the ceiling when memory is plentiful)
+    flash   ours: predicted neurons, windowed neuron cache, bundles read with direct I/O
+    naive   every FFN weight read from flash for every token
+    hybrid  as much of the FFN resident as the budget allows, the rest read whole every token
+    mmap    ffn.bin memory-mapped, the OS page cache decides (llama.cpp's approach)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmflash.engine.memory import plan_memory
+from llmflash.errors import LLMFlashError
+from llmflash.storage.layout import FlashModelDir
+
+MODES = ("dense", "flash", "naive", "hybrid", "mmap")
+SPARSITY = ("predictor", "oracle")
+
+
+@dataclass
+class RunOptions:
+    mode: str = "dense"
+    memory: str = "50%"
+    window: int = 5
+    sparsity: str = "predictor"
+    threads: int = 32
+
+
+def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str):
+    if sparsity == "oracle":
+        from llmflash.engine.flash import OracleSelector
+
+        return OracleSelector(model_dir, dtype)
+    if sparsity == "predictor":
+        try:
+            from llmflash.sparsity.predictor import PredictorSet
+        except ImportError:  # pragma: no cover - the sparsity package ships with llmflash
+            raise LLMFlashError("predictors are not available in this build") from None
+        return PredictorSet.load(model_dir)
+    raise LLMFlashError(f"unknown --sparsity {sparsity!r}; choose one of {SPARSITY}")
+
+
+def ffn_factory(options: RunOptions):
+    """A factory(model_dir, dtype) -> FFN provider for Engine, per the options."""
+    if options.mode not in MODES:
+        raise LLMFlashError(f"unknown --mode {options.mode!r}; choose one of {', '.join(MODES)}")
+    if options.window < 1:
+        raise LLMFlashError("--window must be at least 1")
+
+    def build(model_dir: FlashModelDir, dtype: torch.dtype):
+        from llmflash.engine import flash
+        from llmflash.engine.runtime import dense_ffn
+        from llmflash.storage.direct_io import FlashReader
+
+        if options.mode == "dense":
+            return dense_ffn(model_dir, dtype)
+        if options.mode == "mmap":
+            return flash.MmapFFN(model_dir, dtype)
+        reader = FlashReader(threads=options.threads)
+        if options.mode == "naive":
+            return flash.NaiveFFN(model_dir, dtype, reader)
+        if options.mode == "hybrid":
+            plan = plan_memory(model_dir, options.memory, dtype)
+            return flash.NaiveFFN(model_dir, dtype, reader, resident_layers=plan.resident_ffn_layers)
+        selector = make_selector(model_dir, dtype, options.sparsity)
+        # The oracle's resident gate copy is an instrument, reported but not charged to the budget.
+        charged = 0 if options.sparsity == "oracle" else selector.nbytes()
+        plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged)
+        return flash.FlashFFN(model_dir, dtype, selector, plan, options.window, reader)
+
+    return build
