@@ -56,6 +56,8 @@ def _add_generate_args(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     _add_mode_args(p)
     p.add_argument("--stats", action="store_true",
                    help="print the per-token I/O / memory / compute table at the end")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence (benchmarks)")
 
 
 def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
@@ -105,12 +107,16 @@ def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> i
             sys.stdout.flush()
 
     result = engine.generate(prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, on_token=stream)
+                             top_p=args.top_p, seed=args.seed, on_token=stream,
+                             stop_at_eos=not args.ignore_eos)
     timing = result.timing()
     if args.json:
+        import resource
+
         out = {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
                "finish_reason": result.finish_reason, "mode": args.mode, "timing": timing,
-               "stats": result.stats}
+               "stats": result.stats,
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         print(json.dumps(out))
     else:
         if engine.tokenizer is None:
@@ -187,6 +193,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_generation(engine, engine.require_tokenizer().encode_chat(args.prompt), args)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="flash against naive, hybrid, mmap and dense, one process each")
+    p.add_argument("model", type=Path, help="converted model directory")
+    _add_mode_args(p, mode=False)
+    p.add_argument("--tokens", type=int, default=32, help="tokens generated per mode")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens")
+    p.add_argument("--modes", default="flash,naive,hybrid,mmap,dense",
+                   help="comma-separated modes to run")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-limit", action="store_true", help="do not run modes under a cgroup memory limit")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot", type=Path, default=None, help="stacked latency-split bars (PNG)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmflash.engine import bench
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    result = bench.bench(args.model, memory=args.memory, window=args.window, tokens=args.tokens,
+                         prompt_tokens=args.prompt_tokens, sparsity=args.sparsity, modes=modes,
+                         dtype=args.dtype, limit_memory=not args.no_limit,
+                         progress=lambda msg: print(msg, file=sys.stderr))
+    print(bench.table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0
+
+
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe-disk", help="measure random-read throughput and save the device profile")
     from llmflash.storage import probe
@@ -199,12 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmflash", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"llmflash {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_convert, _add_generate, _add_verify):
+    for add in (_add_demo, _add_convert, _add_generate, _add_verify, _add_bench, _add_probe):
         add(sub)
-    try:
-        _add_probe(sub)
-    except ImportError:
-        pass
     return parser
 
 

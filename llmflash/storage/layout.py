@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ ALIGNMENT = 4096
 HASH_CHUNK = 8 << 20
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 NUMPY_VIEW = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 
 
@@ -239,19 +241,44 @@ class FlashModelDir:
             return list(f.keys())
 
     def load_resident(self, dtype: torch.dtype = torch.float32, verify: bool = True) -> dict[str, torch.Tensor]:
-        """All resident tensors, cast to the compute dtype. Checks the file's checksum first."""
-        info = self.files[RESIDENT_FILE]
-        if verify and sha256_file(self.resident_path) != info["sha256"]:
-            raise LLMFlashError(f"checksum mismatch: {self.resident_path}; run `llmflash verify`")
-        out = {}
+        """All resident tensors, cast to the compute dtype, read once and hashed on the way.
+
+        The file is read sequentially with plain reads straight into each tensor's memory (no
+        mmap), so peak memory is the resident set itself, not file pages plus copies, and the
+        checksum costs no second pass over the disk.
+        """
+        path = self.resident_path
+        h = hashlib.sha256()
+        out: dict[str, torch.Tensor] = {}
         try:
-            with safe_open(str(self.resident_path), framework="pt") as f:
-                for name in f.keys():
-                    out[name] = f.get_tensor(name).to(dtype)
-        except LLMFlashError:
-            raise
-        except Exception as exc:
-            raise LLMFlashError(f"cannot read {self.resident_path}: {exc}") from None
+            with open(path, "rb", buffering=0) as f:
+                raw_len = f.read(8)
+                (header_len,) = struct.unpack("<Q", raw_len)
+                header_raw = f.read(header_len)
+                h.update(raw_len)
+                h.update(header_raw)
+                header = json.loads(header_raw)
+                entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0])
+                pos = 0
+                for name, info in entries:
+                    begin, end = info["data_offsets"]
+                    if begin != pos:
+                        raise ValueError(f"gap before tensor {name}")
+                    stored = _ST_DTYPES[info["dtype"]]
+                    t = torch.empty(info["shape"], dtype=stored)
+                    view = memoryview(t.view(torch.uint8).numpy().reshape(-1)) if t.numel() else memoryview(b"")
+                    if len(view) != end - begin or f.readinto(view) != end - begin:
+                        raise ValueError(f"tensor {name} is cut short")
+                    h.update(view)
+                    out[name] = t if stored == dtype else t.to(dtype)
+                    pos = end
+                tail = f.read()
+                h.update(tail)
+        except (ValueError, KeyError, struct.error, json.JSONDecodeError) as exc:
+            raise LLMFlashError(f"cannot read {path}: {exc}") from None
+        if verify and h.hexdigest() != self.files[RESIDENT_FILE]["sha256"]:
+            raise LLMFlashError(f"checksum mismatch: {path}; run `llmflash verify`")
         return out
 
     # -- FFN bundles ---------------------------------------------------------------------------

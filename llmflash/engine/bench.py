@@ -1,0 +1,228 @@
+"""`llmflash bench`: ours and every baseline on the same prompt, one process per mode.
+
+Each mode runs as its own `llmflash generate --json` child so that its peak RSS and page-cache
+state are its own. Before each child the model's files are dropped from the page cache
+(posix_fadvise DONTNEED, which really empties it on these machines; STORAGE.md), so no mode is
+served from memory another mode filled. Modes with a budget (flash, naive, hybrid, mmap) run under
+a cgroup-v1 memory limit of budget + the measured runtime overhead where the machine allows it, so
+mmap's page cache cannot grow past what the others may use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llmflash.engine.memory import model_weight_bytes, parse_budget
+from llmflash.errors import LLMFlashError
+from llmflash.storage.layout import FlashModelDir
+from llmflash.storage.planner import load_default_profile
+
+BENCH_TEXT = (
+    "The history of computing is a history of memory. Early machines kept their programs on "
+    "punched cards and paper tape, and every generation since has traded speed for size: "
+    "registers, caches, main memory, disks and now flash. A language model is a large program "
+    "of numbers, and running one means moving those numbers to where the arithmetic happens. "
+    "When the model is larger than the memory it may use, the question becomes which numbers to "
+    "move, when to move them, and how to move them in pieces large enough that the storage "
+    "device can deliver them quickly. Sparse models help, because most of their neurons stay "
+    "silent for any given word, and the silent ones need not be read at all. "
+)
+MODES_ORDER = ("flash", "naive", "hybrid", "mmap", "dense")
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def drop_page_cache(directory: Path) -> None:
+    """Evict a model directory's files from the page cache so the next run reads from disk."""
+    for path in directory.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def runtime_overhead_bytes() -> int:
+    """Peak RSS of a process that imported the runtime but loaded no model (measured, not assumed)."""
+    code = ("import resource, torch, llmflash.engine.runtime, llmflash.engine.flash;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+class MemoryLimit:
+    """A cgroup-v1 memory cgroup for one child, or nothing where the machine does not allow it."""
+
+    def __init__(self, limit_bytes: int | None):
+        self.path: Path | None = None
+        self.limit = limit_bytes
+        if limit_bytes is None or not (CGROUP_ROOT / "memory.limit_in_bytes").exists():
+            return
+        path = CGROUP_ROOT / f"llmflash-bench-{os.getpid()}"
+        try:
+            path.mkdir(exist_ok=True)
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            self.path = path
+        except OSError:
+            self.path = None
+
+    def enter(self) -> None:  # runs in the child before exec
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> None:
+        if self.path is not None:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
+
+
+def run_mode(model: Path, mode: str, prompt_ids: list[int], tokens: int, memory: str, window: int,
+             sparsity: str, limit: int | None, dtype: str) -> dict:
+    drop_page_cache(model)
+    cmd = [sys.executable, "-m", "llmflash", "generate", str(model), "--ids",
+           ",".join(map(str, prompt_ids)), "--max-new-tokens", str(tokens), "--mode", mode,
+           "--memory", memory, "--window", str(window), "--sparsity", sparsity, "--json",
+           "--dtype", dtype, "--ignore-eos"]
+    cg = MemoryLimit(limit)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, timeout=3600)
+    finally:
+        cg.close()
+    if proc.returncode != 0:
+        raise LLMFlashError(f"bench: mode {mode} failed:\n{proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout)
+    out["memory_limit_bytes"] = limit if cg.path is not None else None
+    return out
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _p10_p90(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [_median(values)] * 2
+    q = statistics.quantiles(values, n=10)
+    return [float(q[0]), float(q[-1])]
+
+
+def summarise(run: dict, profile) -> dict:
+    s, t = run["stats"], run["timing"]
+    per_token = [a + b + c for a, b, c in zip(s["io_ms"], s["mem_ms"], s["compute_ms"])]
+    io_s = sum(s["io_ms"]) / 1000
+    reads, nbytes = sum(s["reads_per_token"]), sum(s["bytes_per_token"])
+    predicted = profile.read_seconds(reads, nbytes) if reads else 0.0
+    return {
+        "tokens_per_s": t["tokens_per_s"],
+        "ms_per_token": _median(per_token),
+        "ms_per_token_p10_p90": _p10_p90(per_token),
+        "io_ms": _median(s["io_ms"]), "mem_ms": _median(s["mem_ms"]),
+        "compute_ms": _median(s["compute_ms"]),
+        "io_ms_p10_p90": _p10_p90(s["io_ms"]), "mem_ms_p10_p90": _p10_p90(s["mem_ms"]),
+        "compute_ms_p10_p90": _p10_p90(s["compute_ms"]),
+        "bytes_read_per_token": _median(s["bytes_per_token"]),
+        "reads_per_token": _median(s["reads_per_token"]),
+        "bytes_read_total": s["bytes_read"],
+        "read_throughput_Bps": nbytes / io_s if io_s > 0 else None,
+        "profile_throughput_Bps": nbytes / predicted if predicted > 0 else None,
+        "mean_read_bytes": nbytes / reads if reads else None,
+        "peak_rss_bytes": run["peak_rss_bytes"],
+        "memory_limit_bytes": run["memory_limit_bytes"],
+        "decode_tokens": t["decode_tokens"],
+        "token_ids": run["token_ids"],
+        **({"memory_plan": s["memory_plan"], "selector": s.get("selector"),
+            "rows_used_median": _median(s["rows_used"]),
+            "neurons_loaded_median": _median(s["neurons_loaded"])} if "memory_plan" in s else {}),
+    }
+
+
+def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
+          prompt_tokens: int = 64, sparsity: str = "predictor", modes: tuple[str, ...] = MODES_ORDER,
+          dtype: str = "float32", limit_memory: bool = True, progress=print) -> dict:
+    model_dir = FlashModelDir(model)
+    from llmflash.engine.runtime import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    if tok is not None:
+        ids = tok.encode(BENCH_TEXT * (1 + prompt_tokens // 100))[:prompt_tokens]
+    else:
+        ids = [1 + (i * 7919) % (model_dir.config.vocab_size - 1) for i in range(prompt_tokens)]
+    if len(ids) + tokens > model_dir.config.max_position_embeddings:
+        raise LLMFlashError("bench: --prompt-tokens + --tokens exceed the model's context")
+    budget = parse_budget(memory, model_weight_bytes(model_dir))
+    overhead = runtime_overhead_bytes()
+    profile = load_default_profile()
+    result = {"model": str(model), "memory": memory, "budget_bytes": budget, "window": window,
+              "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
+              "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
+              "modes": {}}
+    for mode in modes:
+        progress(f"bench: running {mode} ...")
+        started = time.perf_counter()
+        limit = budget + overhead if (limit_memory and mode != "dense") else None
+        run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype)
+        result["modes"][mode] = summarise(run, profile)
+        result["modes"][mode]["wall_s"] = time.perf_counter() - started
+    m = result["modes"]
+    ratios = {}
+    if "flash" in m:
+        for other in ("naive", "hybrid", "mmap", "dense"):
+            if other in m and m[other]["tokens_per_s"] and m["flash"]["tokens_per_s"]:
+                ratios[f"flash/{other}"] = m["flash"]["tokens_per_s"] / m[other]["tokens_per_s"]
+        if "dense" in m:
+            ratios["flash_tokens_equal_dense"] = m["flash"]["token_ids"] == m["dense"]["token_ids"]
+    result["ratios"] = ratios
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [f"model {result['model']}  budget {result['memory']} "
+             f"({result['budget_bytes'] / 2**20:.1f} MiB)  window {result['window']}  "
+             f"sparsity {result['sparsity']}  prompt {result['prompt_tokens']} + {result['tokens']} tokens",
+             f"{'mode':8}{'tok/s':>8}{'ms/tok':>9}{'io ms':>8}{'mem ms':>8}{'comp ms':>9}"
+             f"{'KiB/tok':>10}{'reads/tok':>10}{'MB/s':>8}{'model MB/s':>11}{'peak RSS':>10}"]
+    for mode, r in result["modes"].items():
+        tps = r["tokens_per_s"] or 0.0
+        thr = r["read_throughput_Bps"]
+        model_thr = r["profile_throughput_Bps"]
+        lines.append(
+            f"{mode:8}{tps:8.2f}{r['ms_per_token']:9.1f}{r['io_ms']:8.1f}{r['mem_ms']:8.2f}"
+            f"{r['compute_ms']:9.1f}{r['bytes_read_per_token'] / 1024:10.0f}{r['reads_per_token']:10.0f}"
+            f"{(thr or 0) / 1e6:8.0f}{(model_thr or 0) / 1e6:11.0f}{r['peak_rss_bytes'] / 2**20:9.0f}M")
+    for name, value in result["ratios"].items():
+        lines.append(f"{name}: {value:.2f}x" if isinstance(value, float) else f"{name}: {value}")
+    lines.append(f"runtime overhead (python + torch, no model): {result['runtime_overhead_bytes'] / 2**20:.0f} MiB;"
+                 " page cache dropped before each mode; 'model MB/s' is what the device profile "
+                 "predicts for the same reads")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LLMFlashError("--plot needs matplotlib: pip install matplotlib") from None
+    modes = list(result["modes"])
+    io = [result["modes"][m]["io_ms"] for m in modes]
+    mem = [result["modes"][m]["mem_ms"] for m in modes]
+    comp = [result["modes"][m]["compute_ms"] for m in modes]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(modes, io, label="flash I/O")
+    ax.bar(modes, mem, bottom=io, label="memory management")
+    ax.bar(modes, comp, bottom=[a + b for a, b in zip(io, mem)], label="compute")
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title(f"latency split, budget {result['memory']}, window {result['window']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
