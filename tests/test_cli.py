@@ -78,3 +78,44 @@ def test_errors_are_one_line(model, tmp_path):
     long_prompt = ",".join(["5"] * 200)
     proc = llmflash("generate", str(model), "--ids", long_prompt, check=False)
     assert proc.returncode == 2 and "longer than the model's context" in proc.stderr
+
+
+def test_flash_mode_stats_json(tmp_path):
+    tiny_models.build("llama-relu", tmp_path / "hf")
+    llmflash("convert", str(tmp_path / "hf"), str(tmp_path / "flash"), "--dtype", "float32", "--quiet")
+    out = json.loads(llmflash("generate", str(tmp_path / "flash"), "The quick", "--mode", "flash",
+                              "--sparsity", "oracle", "--memory", "90%", "--window", "3",
+                              "--max-new-tokens", "6", "--ignore-eos", "--json").stdout)
+    stats = out["stats"]
+    assert len(out["token_ids"]) == 6
+    for key in ("io_ms", "mem_ms", "compute_ms"):
+        assert len(stats[key]) == 5
+    assert stats["bytes_read"] > 0 and stats["reads"] > 0
+    assert stats["memory_plan"]["planned_bytes"] <= stats["memory_plan"]["budget_bytes"]
+    proc = llmflash("generate", str(tmp_path / "flash"), "The quick", "--mode", "flash",
+                    "--sparsity", "oracle", "--memory", "90%", "--max-new-tokens", "3", "--stats")
+    assert "per-token stats, mode flash" in proc.stderr
+
+
+def test_bench_writes_table_and_json(tmp_path):
+    tiny_models.build("llama-relu", tmp_path / "hf")
+    llmflash("convert", str(tmp_path / "hf"), str(tmp_path / "flash"), "--dtype", "float32", "--quiet")
+    proc = llmflash("bench", str(tmp_path / "flash"), "--memory", "90%", "--sparsity", "oracle",
+                    "--tokens", "4", "--prompt-tokens", "8", "--modes", "flash,naive,mmap,dense",
+                    "--json", str(tmp_path / "bench.json"))
+    assert "flash/naive" in proc.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    for mode in ("flash", "naive", "mmap", "dense"):
+        entry = result["modes"][mode]
+        for key in ("tokens_per_s", "bytes_read_per_token", "io_ms", "mem_ms", "compute_ms",
+                    "peak_rss_bytes"):
+            assert key in entry, (mode, key)
+    assert result["modes"]["naive"]["bytes_read_per_token"] > result["modes"]["flash"]["bytes_read_per_token"]
+    assert result["ratios"]["flash_tokens_equal_dense"] is True
+
+
+def test_probe_disk_quick(tmp_path):
+    out = tmp_path / "probe.json"
+    proc = llmflash("probe-disk", str(tmp_path), "--quick", "--no-save", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert proc.returncode == 0 and data
