@@ -72,6 +72,9 @@ def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
     p.add_argument("--sparsity", default="predictor", choices=SPARSITY,
                    help="how flash mode picks neurons: trained predictors, or the exact oracle")
     p.add_argument("--threads", type=int, default=32, help="reads in flight (flash, naive, hybrid)")
+    p.add_argument("--pin", type=float, default=0.0,
+                   help="flash: share of each layer's hottest neurons kept pinned in the cache "
+                        "(e.g. 0.03; needs `llmflash reorder`)")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -146,7 +149,7 @@ def make_engine(model: Path, args: argparse.Namespace):
     from llmflash.engine.runtime import Engine
 
     options = RunOptions(mode=args.mode, memory=args.memory, window=args.window,
-                         sparsity=args.sparsity, threads=args.threads)
+                         sparsity=args.sparsity, threads=args.threads, pin=args.pin)
     return Engine(model, dtype=_dtype(args.dtype), ffn=ffn_factory(options))
 
 
@@ -214,13 +217,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = bench.bench(args.model, memory=args.memory, window=args.window, tokens=args.tokens,
                          prompt_tokens=args.prompt_tokens, sparsity=args.sparsity, modes=modes,
-                         dtype=args.dtype, limit_memory=not args.no_limit,
+                         dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.plot:
         bench.plot(result, args.plot)
+    return 0
+
+
+def _add_reorder(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reorder", help="co-activation layout: rewrite the FFN bundles so neurons "
+                                       "that fire together are adjacent on flash; record hot neurons")
+    p.add_argument("model", type=Path)
+    p.add_argument("--text", type=Path, required=True, help="calibration text (not your eval text)")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.set_defaults(func=cmd_reorder)
+
+
+def cmd_reorder(args: argparse.Namespace) -> int:
+    from llmflash.storage.reorder import reorder
+
+    model = reorder(args.model, args.text, args.tokens)
+    print(f"reordered {len(model.layers)} layers of {model.path}; bundles now in {model.ffn_path.name}")
     return 0
 
 
@@ -236,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmflash", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"llmflash {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_convert, _add_generate, _add_verify, _add_bench, _add_probe):
+    for add in (_add_demo, _add_convert, _add_generate, _add_verify, _add_bench, _add_reorder,
+                _add_probe):
         add(sub)
     return parser
 

@@ -85,12 +85,12 @@ class MemoryLimit:
 
 
 def run_mode(model: Path, mode: str, prompt_ids: list[int], tokens: int, memory: str, window: int,
-             sparsity: str, limit: int | None, dtype: str) -> dict:
+             sparsity: str, limit: int | None, dtype: str, pin: float = 0.0) -> dict:
     drop_page_cache(model)
     cmd = [sys.executable, "-m", "llmflash", "generate", str(model), "--ids",
            ",".join(map(str, prompt_ids)), "--max-new-tokens", str(tokens), "--mode", mode,
            "--memory", memory, "--window", str(window), "--sparsity", sparsity, "--json",
-           "--dtype", dtype, "--ignore-eos"]
+           "--dtype", dtype, "--ignore-eos", "--pin", str(pin)]
     cg = MemoryLimit(limit)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, timeout=3600)
@@ -146,7 +146,8 @@ def summarise(run: dict, profile) -> dict:
 
 def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           prompt_tokens: int = 64, sparsity: str = "predictor", modes: tuple[str, ...] = MODES_ORDER,
-          dtype: str = "float32", limit_memory: bool = True, progress=print) -> dict:
+          dtype: str = "float32", limit_memory: bool = True, pin: float = 0.0,
+          progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.engine.runtime import load_tokenizer
 
@@ -161,6 +162,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
     overhead = runtime_overhead_bytes()
     profile = load_default_profile()
     result = {"model": str(model), "memory": memory, "budget_bytes": budget, "window": window,
+              "pin": pin,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
               "modes": {}}
@@ -168,7 +170,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
         progress(f"bench: running {mode} ...")
         started = time.perf_counter()
         limit = budget + overhead if (limit_memory and mode != "dense") else None
-        run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype)
+        run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
+                       pin if mode == "flash" else 0.0)
         result["modes"][mode] = summarise(run, profile)
         result["modes"][mode]["wall_s"] = time.perf_counter() - started
     m = result["modes"]

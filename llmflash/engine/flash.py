@@ -153,20 +153,45 @@ class FlashFFN(_FlashBacked):
     """Ours: predicted neurons only, windowed neuron cache, bundles read with direct I/O."""
 
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, selector: NeuronSelector,
-                 plan: MemoryPlan, window: int, reader: FlashReader | None = None):
+                 plan: MemoryPlan, window: int, reader: FlashReader | None = None,
+                 pin: float = 0.0):
         super().__init__(model_dir, dtype, reader)
         self.selector = selector
         self.plan = plan
         self.window = window
         n = model_dir.config.intermediate_size
-        self.caches = [
-            NeuronCache(n, plan.capacity_per_layer, model_dir.bundle.elements, window, dtype,
-                        reuse_holes=True)
-            for _ in range(model_dir.config.num_layers)
-        ]
         # neuron id -> slot on flash (identity unless the layout reordered neurons)
         self.slot_of = [np.argsort(r.permutation()) for r in model_dir.layers]
-        self._view = NUMPY_VIEW[model_dir.bundle.dtype]
+        self.pinned = [self._pinned(layer, pin) for layer in range(model_dir.config.num_layers)]
+        self.caches = [
+            NeuronCache(n, plan.capacity_per_layer, model_dir.bundle.elements, window, dtype,
+                        pinned=self.pinned[layer], reuse_holes=True)
+            for layer in range(model_dir.config.num_layers)
+        ]
+        self.log.start()  # the pinned rows' one-time load, reported apart from the tokens
+        for layer, cache in enumerate(self.caches):
+            self._load_plan(layer, cache.initial_plan())
+        self.pinned_load = {"io_ms": self.log.io_s[0] * 1000, "bytes": self.log.bytes[0],
+                            "reads": self.log.reads[0]}
+        self.log = TokenLog()
+
+    def _pinned(self, layer: int, pin: float) -> np.ndarray | None:
+        """The layer's hottest neurons (from `llmflash reorder`), at most half the cache."""
+        if pin <= 0:
+            return None
+        hot = self.dir.layers[layer].hot
+        if hot is None:
+            raise LLMFlashError(f"--pin needs neuron statistics: run `llmflash reorder {self.dir.path} "
+                                "--text FILE` first")
+        k = min(int(round(pin * self.dir.config.intermediate_size)), self.plan.capacity_per_layer // 2,
+                len(hot))
+        return np.asarray(hot[:k], dtype=np.int64)
+
+    def _load_plan(self, layer: int, plan) -> None:
+        if len(plan):
+            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
+                             self.bundle_bytes, self.slot_of[layer][plan.neurons])
+            self.caches[layer].fill(plan, self._as_rows(raw))
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if layer == 0:
@@ -197,18 +222,19 @@ class FlashFFN(_FlashBacked):
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window."""
         cache = self.caches[layer]
-        cache.reset()
+        cache.reset()  # pinned rows stay; the rest are scratch for streaming the layer
+        scratch = cache.rows[cache.n_pinned:]
         region = self.dir.layers[layer]
-        chunk = max(1, min(cache.capacity, PREFILL_CHUNK_BYTES // self.bundle_bytes))
+        chunk = max(1, min(len(scratch), PREFILL_CHUNK_BYTES // self.bundle_bytes))
         y = torch.zeros_like(x)
         for start in range(0, region.neurons, chunk):
             k = min(chunk, region.neurons - start)
             raw = self._read(self.reader.read_range, region.offset + start * self.bundle_bytes,
                              k * self.bundle_bytes)
             t0 = time.perf_counter()
-            cache.rows[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
+            scratch[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
             self.log.add(mem_s=time.perf_counter() - t0)
-            y += ffn_from_rows(x, cache.rows[:k], self.slices, self.act, self.threshold)
+            y += ffn_from_rows(x, scratch[:k], self.slices, self.act, self.threshold)
         cache.reset()
         t0 = time.perf_counter()
         ids = self.selector.select(layer, x[-1:])
@@ -219,6 +245,8 @@ class FlashFFN(_FlashBacked):
     def stats(self) -> dict:
         return {"selector": self.selector.name, "selector_bytes": self.selector.nbytes(),
                 "window": self.window, "memory_plan": self.plan.to_dict(),
+                "pinned_per_layer": [0 if p is None else len(p) for p in self.pinned],
+                "pinned_load": self.pinned_load,
                 "direct_io": self.file.direct}
 
 

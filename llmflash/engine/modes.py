@@ -28,6 +28,7 @@ class RunOptions:
     window: int = 5
     sparsity: str = "predictor"
     threads: int = 32
+    pin: float = 0.0  # share of each layer's neurons pinned in DRAM (hottest first)
 
 
 def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str):
@@ -70,6 +71,6 @@ def ffn_factory(options: RunOptions):
         # The oracle's resident gate copy is an instrument, reported but not charged to the budget.
         charged = 0 if options.sparsity == "oracle" else selector.nbytes()
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged)
-        return flash.FlashFFN(model_dir, dtype, selector, plan, options.window, reader)
+        return flash.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
 
     return build

@@ -129,6 +129,7 @@ class LayerRegion:
     nbytes: int
     sha256: str
     order: tuple[int, ...] | None = None
+    hot: tuple[int, ...] | None = None  # hottest neuron ids, most frequent first (reorder)
 
     def permutation(self) -> np.ndarray:
         if self.order is None:
@@ -177,6 +178,7 @@ class FlashModelDir:
                     nbytes=r["bytes"],
                     sha256=r["sha256"],
                     order=tuple(r["order"]) if r.get("order") is not None else None,
+                    hot=tuple(r["hot"]) if r.get("hot") is not None else None,
                 )
                 for r in ffn["layers"]
             ]
@@ -195,7 +197,7 @@ class FlashModelDir:
 
     @property
     def ffn_path(self) -> Path:
-        return self.path / FFN_FILE
+        return self.path / self.manifest["ffn"].get("file", FFN_FILE)
 
     @property
     def dtype(self) -> str:
