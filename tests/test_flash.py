@@ -129,3 +129,35 @@ def test_baselines_match_dense(model, mode):
         layers = FlashModelDir(path).layers
         assert result.stats["bytes_per_token"][0] >= sum(r.nbytes for r in layers)
     np.testing.assert_array_less(-1e-9, np.array(result.stats["compute_ms"]))
+
+
+def test_peak_rss_within_budget_plus_overhead(tmp_path):
+    """A flash run's peak RSS stays under budget + the runtime's own overhead (measured here)."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers as tf
+
+    from llmflash.engine.bench import runtime_overhead_bytes
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=4096, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=4, hidden_act="relu",
+                         max_position_embeddings=256)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "flash", dtype="float32", progress=False)
+    model_bytes = sum(FlashModelDir(tmp_path / "flash").weights_nbytes().values())
+    assert model_bytes > 100 * 2**20  # big enough that the budget matters against the overhead
+    proc = subprocess.run([sys.executable, "-m", "llmflash", "generate", str(tmp_path / "flash"),
+                           "--ids", ",".join(str(i) for i in range(1, 33)), "--max-new-tokens", "16",
+                           "--mode", "flash", "--sparsity", "oracle",
+                           "--memory", "40%", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    plan = out["stats"]["memory_plan"]
+    oracle_copy = out["stats"]["selector_bytes"]  # an instrument, outside the budget by design
+    kv = 2 * 8 * 4 * 64 * 4 * 48
+    staging = 8 << 20  # reader staging and 4 MiB prompt chunks
+    limit = plan["budget_bytes"] + runtime_overhead_bytes() + oracle_copy + kv + staging + (16 << 20)
+    assert out["peak_rss_bytes"] <= limit, (out["peak_rss_bytes"], limit)
