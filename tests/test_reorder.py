@@ -72,3 +72,18 @@ def test_chain_puts_coactive_neurons_together():
     for g in groups:
         span = position[g].max() - position[g].min()
         assert span == 4, (g, position[g])
+
+
+def test_cache_sizes_follow_window_statistics(models):
+    from llmflash.engine.memory import plan_memory
+
+    _, ordered = models
+    d = FlashModelDir(ordered)
+    assert all(r.window_union and len(r.window_union) == 8 for r in d.layers)
+    for r in d.layers:  # a bigger window never holds fewer neurons
+        assert all(a <= b + 1e-9 for a, b in zip(r.window_union, r.window_union[1:]))
+    uniform = plan_memory(d, "90%", torch.float32)
+    sized = plan_memory(d, "90%", torch.float32, window=3)
+    assert sized.sized_from.startswith("window statistics") and uniform.sized_from == "uniform"
+    assert sized.planned_bytes <= sized.budget_bytes
+    assert sum(sized.capacities) <= uniform.capacity_per_layer * uniform.layers + uniform.layers

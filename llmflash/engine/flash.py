@@ -164,7 +164,7 @@ class FlashFFN(_FlashBacked):
         self.slot_of = [np.argsort(r.permutation()) for r in model_dir.layers]
         self.pinned = [self._pinned(layer, pin) for layer in range(model_dir.config.num_layers)]
         self.caches = [
-            NeuronCache(n, plan.capacity_per_layer, model_dir.bundle.elements, window, dtype,
+            NeuronCache(n, plan.capacity(layer), model_dir.bundle.elements, window, dtype,
                         pinned=self.pinned[layer], reuse_holes=True)
             for layer in range(model_dir.config.num_layers)
         ]
@@ -183,7 +183,7 @@ class FlashFFN(_FlashBacked):
         if hot is None:
             raise LLMFlashError(f"--pin needs neuron statistics: run `llmflash reorder {self.dir.path} "
                                 "--text FILE` first")
-        k = min(int(round(pin * self.dir.config.intermediate_size)), self.plan.capacity_per_layer // 2,
+        k = min(int(round(pin * self.dir.config.intermediate_size)), self.plan.capacity(layer) // 2,
                 len(hot))
         return np.asarray(hot[:k], dtype=np.int64)
 

@@ -68,12 +68,18 @@ class MemoryPlan:
     row_bytes: int  # one cached neuron at the compute dtype
     neurons_per_layer: int
     layers: int
-    capacity_per_layer: int  # neuron rows each layer's cache holds (flash)
+    capacity_per_layer: int  # neuron rows of the smallest layer cache (flash)
     resident_ffn_layers: int  # FFN layers kept whole in DRAM (hybrid)
+    capacities: list[int] | None = None  # rows per layer, when sized from window statistics
+    sized_from: str = "uniform"
+
+    def capacity(self, layer: int) -> int:
+        return self.capacities[layer] if self.capacities else self.capacity_per_layer
 
     @property
     def cache_bytes(self) -> int:
-        return self.capacity_per_layer * self.row_bytes * self.layers
+        rows = sum(self.capacities) if self.capacities else self.capacity_per_layer * self.layers
+        return rows * self.row_bytes
 
     @property
     def planned_bytes(self) -> int:
@@ -82,13 +88,43 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(cache_bytes=self.cache_bytes, planned_bytes=self.planned_bytes,
-                 capacity_fraction=self.capacity_per_layer / self.neurons_per_layer)
+                 capacity_fraction=self.cache_bytes / self.row_bytes
+                 / (self.neurons_per_layer * self.layers))
         return d
 
 
+def _capacities_from_windows(model_dir: FlashModelDir, total_rows: int, window: int) -> list[int] | None:
+    """Rows per layer proportional to the union a `window`-token window holds in that layer.
+
+    Layers whose neurons are reused from token to token need fewer rows for the same window;
+    giving every layer the same share of its union keeps the effective window equal across layers.
+    """
+    unions = [r.window_union for r in model_dir.layers]
+    if any(u is None for u in unions):
+        return None
+    k = min(window, len(unions[0])) - 1
+    weights = [max(u[k], 1.0) for u in unions]
+    n = model_dir.config.intermediate_size
+    scale = total_rows / sum(weights)
+    caps = [min(n, max(1, int(w * scale))) for w in weights]
+    # hand rows freed by layers capped at n to the others, largest union first
+    spare = total_rows - sum(caps)
+    for layer in sorted(range(len(caps)), key=lambda i: -weights[i]):
+        if spare <= 0:
+            break
+        extra = min(spare, n - caps[layer])
+        caps[layer] += extra
+        spare -= extra
+    return caps
+
+
 def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
-                extra_resident_bytes: int = 0) -> MemoryPlan:
-    """Split the budget: resident part first, the rest to neuron caches (uniform per layer)."""
+                extra_resident_bytes: int = 0, window: int | None = None) -> MemoryPlan:
+    """Split the budget: resident part first, the rest to neuron caches.
+
+    Per-layer cache sizes follow the window statistics `llmflash reorder` records, where present
+    and a window is given; otherwise every layer gets the same number of rows.
+    """
     cfg = model_dir.config
     model_bytes = model_weight_bytes(model_dir)
     budget_bytes = parse_budget(budget, model_bytes)
@@ -106,10 +142,14 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
     free = budget_bytes - need
     capacity = min(cfg.intermediate_size, free // (row_bytes * cfg.num_layers))
     layer_bytes = row_bytes * cfg.intermediate_size
+    caps = None
+    if window is not None:
+        caps = _capacities_from_windows(model_dir, int(free // row_bytes), window)
     return MemoryPlan(
         budget_bytes=budget_bytes, model_bytes=model_bytes, resident_bytes=resident,
         extra_resident_bytes=extra_resident_bytes, row_bytes=row_bytes,
         neurons_per_layer=cfg.intermediate_size, layers=cfg.num_layers,
-        capacity_per_layer=int(capacity),
+        capacity_per_layer=int(min(caps)) if caps else int(capacity),
         resident_ffn_layers=int(min(cfg.num_layers, free // layer_bytes)),
+        capacities=caps, sized_from=f"window statistics, k={window}" if caps else "uniform",
     )

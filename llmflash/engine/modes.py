@@ -70,7 +70,8 @@ def ffn_factory(options: RunOptions):
         selector = make_selector(model_dir, dtype, options.sparsity)
         # The oracle's resident gate copy is an instrument, reported but not charged to the budget.
         charged = 0 if options.sparsity == "oracle" else selector.nbytes()
-        plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged)
+        plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged,
+                           window=options.window)
         return flash.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
 
     return build

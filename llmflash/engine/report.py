@@ -34,6 +34,6 @@ def stats_table(stats: dict, mode: str) -> str:
         plan = stats["memory_plan"]
         lines.append(f"memory plan: budget {plan['budget_bytes'] / 2**20:.1f} MiB, resident "
                      f"{plan['resident_bytes'] / 2**20:.1f} MiB, caches {plan['cache_bytes'] / 2**20:.1f} MiB "
-                     f"({plan['capacity_per_layer']} of {plan['neurons_per_layer']} neurons per layer), "
+                     f"({100 * plan['capacity_fraction']:.1f}% of the FFN, sized {plan['sized_from']}), "
                      f"selector {stats.get('selector')} ({stats.get('selector_bytes', 0) / 2**20:.1f} MiB)")
     return "\n".join(lines)

@@ -130,6 +130,7 @@ class LayerRegion:
     sha256: str
     order: tuple[int, ...] | None = None
     hot: tuple[int, ...] | None = None  # hottest neuron ids, most frequent first (reorder)
+    window_union: tuple[float, ...] | None = None  # mean union size for windows 1..8 (reorder)
 
     def permutation(self) -> np.ndarray:
         if self.order is None:
@@ -179,6 +180,7 @@ class FlashModelDir:
                     sha256=r["sha256"],
                     order=tuple(r["order"]) if r.get("order") is not None else None,
                     hot=tuple(r["hot"]) if r.get("hot") is not None else None,
+                    window_union=tuple(r["window_union"]) if r.get("window_union") else None,
                 )
                 for r in ffn["layers"]
             ]

@@ -82,6 +82,24 @@ def coactivation_order(active: np.ndarray) -> np.ndarray:
     return order
 
 
+MAX_WINDOW = 8
+
+
+def window_union(active: np.ndarray, max_window: int = MAX_WINDOW) -> list[float]:
+    """Mean size, in neurons, of the union of k consecutive tokens' active sets, k = 1..max_window.
+
+    The memory planner sizes each layer's cache from this (PAPER.md §4: the union a window holds).
+    """
+    t = active.shape[0]
+    out = []
+    union = active.copy()
+    for k in range(1, max_window + 1):
+        if k > 1:
+            union = union[:-1] | active[k - 1:]
+        out.append(float(union[: max(t - k + 1, 1)].sum(axis=1).mean()) if t >= k else float("nan"))
+    return out
+
+
 def hot_neurons(active: np.ndarray, fraction: float = HOT_FRACTION) -> list[int]:
     freq = active.mean(axis=0)
     k = max(1, int(round(fraction * active.shape[1])))
@@ -89,7 +107,7 @@ def hot_neurons(active: np.ndarray, fraction: float = HOT_FRACTION) -> list[int]
 
 
 def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list[list[int]],
-                   source: str) -> FlashModelDir:
+                   source: str, unions: list[list[float]] | None = None) -> FlashModelDir:
     """Write ffn.bin in the new slot orders and swap it in atomically, manifest last."""
     path = model_dir.path
     manifest = json.loads((path / MANIFEST).read_text())
@@ -111,6 +129,8 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
                 entry["order"] = [int(i) for i in orders[layer]]
                 entry["sha256"] = hashlib.sha256(data).hexdigest()
                 entry["hot"] = hot[layer]
+                if unions is not None:
+                    entry["window_union"] = unions[layer]
             out.flush()
             os.fsync(out.fileno())
         digest = sha256_file(tmp_ffn)
@@ -151,5 +171,7 @@ def reorder(model: Path, text: Path, tokens: int = 4096) -> FlashModelDir:
     trace = activation_trace(engine, ids)
     orders = [coactivation_order(a) for a in tqdm(trace, desc="order", unit="layer")]
     hot = [hot_neurons(a) for a in trace]
+    unions = [window_union(a) for a in trace]
     del engine
-    return rewrite_layout(FlashModelDir(model), orders, hot, source=f"{Path(text).name}, {len(ids)} tokens")
+    return rewrite_layout(FlashModelDir(model), orders, hot,
+                          source=f"{Path(text).name}, {len(ids)} tokens", unions=unions)
