@@ -69,8 +69,10 @@ def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
     p.add_argument("--memory", default="50%",
                    help="memory budget for flash/hybrid: a share of the stored model (50%%) or a size (300MiB)")
     p.add_argument("--window", type=int, default=5, help="tokens whose neurons stay cached (flash)")
-    p.add_argument("--sparsity", default="predictor", choices=SPARSITY,
-                   help="how flash mode picks neurons: trained predictors, or the exact oracle")
+    p.add_argument("--sparsity", default=None, choices=SPARSITY,
+                   help="which FFN neurons to compute: none (all), oracle (the truly active ones; "
+                        "ReLU models or calibrated thresholds), predictor (trained predictors). "
+                        "Default: none for dense mode, predictor for flash")
     p.add_argument("--threads", type=int, default=32, help="reads in flight (flash, naive, hybrid)")
     p.add_argument("--pin", type=float, default=0.0,
                    help="flash: share of each layer's hottest neurons kept pinned in the cache "
@@ -148,8 +150,14 @@ def make_engine(model: Path, args: argparse.Namespace):
     from llmflash.engine.modes import RunOptions, ffn_factory
     from llmflash.engine.runtime import Engine
 
+    sparsity = args.sparsity or ("predictor" if args.mode == "flash" else "none")
+    if args.mode == "dense" and sparsity != "none":
+        # sparse execution in DRAM: the FFN computed over the selected neurons only
+        from llmflash.sparsity.sparse_ffn import sparse_ffn_factory
+
+        return Engine(model, dtype=_dtype(args.dtype), ffn=sparse_ffn_factory(sparsity))
     options = RunOptions(mode=args.mode, memory=args.memory, window=args.window,
-                         sparsity=args.sparsity, threads=args.threads, pin=args.pin)
+                         sparsity=sparsity, threads=args.threads, pin=args.pin)
     return Engine(model, dtype=_dtype(args.dtype), ffn=ffn_factory(options))
 
 
@@ -216,7 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = bench.bench(args.model, memory=args.memory, window=args.window, tokens=args.tokens,
-                         prompt_tokens=args.prompt_tokens, sparsity=args.sparsity, modes=modes,
+                         prompt_tokens=args.prompt_tokens, sparsity=args.sparsity or "predictor",
+                         modes=modes,
                          dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
@@ -259,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_convert, _add_generate, _add_verify, _add_bench, _add_reorder,
                 _add_probe):
         add(sub)
+    from llmflash.sparsity.commands import register
+
+    register(sub)  # calibrate, train-predictors, eval, relufy
     return parser
 
 

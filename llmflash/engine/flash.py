@@ -243,7 +243,8 @@ class FlashFFN(_FlashBacked):
         return y
 
     def stats(self) -> dict:
-        return {"selector": self.selector.name, "selector_bytes": self.selector.nbytes(),
+        return {"selector": getattr(self.selector, "name", "predictor"),
+                "selector_bytes": self.selector.nbytes(),
                 "window": self.window, "memory_plan": self.plan.to_dict(),
                 "pinned_per_layer": [0 if p is None else len(p) for p in self.pinned],
                 "pinned_load": self.pinned_load,

@@ -18,7 +18,7 @@ from llmflash.errors import LLMFlashError
 from llmflash.storage.layout import FlashModelDir
 
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
-SPARSITY = ("predictor", "oracle")
+SPARSITY = ("none", "oracle", "predictor")
 
 
 @dataclass
@@ -41,7 +41,10 @@ def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str):
             from llmflash.sparsity.predictor import PredictorSet
         except ImportError:  # pragma: no cover - the sparsity package ships with llmflash
             raise LLMFlashError("predictors are not available in this build") from None
-        return PredictorSet.load(model_dir)
+        return PredictorSet.load(model_dir, dtype)
+    if sparsity == "none":
+        raise LLMFlashError("flash mode reads only selected neurons: use --sparsity predictor or oracle "
+                            "(or --mode naive/hybrid to read every neuron)")
     raise LLMFlashError(f"unknown --sparsity {sparsity!r}; choose one of {SPARSITY}")
 
 
