@@ -23,6 +23,24 @@ class FFNProvider(Protocol):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
 
 
+class Decoder:
+    """What every architecture module shares: config, resident weights, the FFN hook, KV caches."""
+
+    embed_name = "model.embed_tokens.weight"
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ffn: FFNProvider,
+                 dtype: torch.dtype = torch.float32):
+        self.config = config
+        self.w = weights
+        self.ffn = ffn
+        self.dtype = dtype
+        self.embed = weights[self.embed_name]
+        self.lm_head = weights.get("lm_head.weight", self.embed)  # tied when absent
+
+    def new_cache(self, max_len: int) -> "KVCache":
+        return KVCache(self.config, max_len, self.dtype)
+
+
 class KVCache:
     """Preallocated keys and values for one sequence: [layers, kv_heads, max_len, head_dim]."""
 

@@ -8,24 +8,17 @@ from __future__ import annotations
 import torch
 
 from llmflash.config import ModelConfig
-from llmflash.models.common import FFNProvider, KVCache, Rotary, attention, causal_mask, linear, rms_norm
+from llmflash.models.common import (Decoder, FFNProvider, KVCache, Rotary, attention, causal_mask,
+                                     linear, rms_norm)
 
 
-class LlamaModel:
+class LlamaModel(Decoder):
     """Forward pass over resident tensors (HF names) with a pluggable FFN."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ffn: FFNProvider,
                  max_len: int, dtype: torch.dtype = torch.float32):
-        self.config = config
-        self.w = weights
-        self.ffn = ffn
-        self.dtype = dtype
+        super().__init__(config, weights, ffn, dtype)
         self.rotary = Rotary(config, max_len, dtype)
-        self.embed = weights["model.embed_tokens.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed)
-
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.config, max_len, self.dtype)
 
     def _attention(self, layer: int, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         c, p, w = self.config, f"model.layers.{layer}.self_attn.", self.w

@@ -8,27 +8,20 @@ from __future__ import annotations
 import torch
 
 from llmflash.config import ModelConfig
-from llmflash.models.common import FFNProvider, KVCache, attention, causal_mask, layer_norm, linear
+from llmflash.models.common import Decoder, FFNProvider, KVCache, attention, causal_mask, layer_norm, linear
 
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 
 
-class OPTModel:
+class OPTModel(Decoder):
     """Forward pass over resident tensors (HF names) with a pluggable FFN."""
+
+    embed_name = "model.decoder.embed_tokens.weight"
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ffn: FFNProvider,
                  max_len: int, dtype: torch.dtype = torch.float32):
-        self.config = config
-        self.w = weights
-        self.ffn = ffn
-        self.dtype = dtype
-        d = "model.decoder."
-        self.embed = weights[d + "embed_tokens.weight"]
-        self.positions = weights[d + "embed_positions.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed)
-
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(self.config, max_len, self.dtype)
+        super().__init__(config, weights, ffn, dtype)
+        self.positions = weights["model.decoder.embed_positions.weight"]
 
     def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return layer_norm(x, self.w[name + ".weight"], self.w[name + ".bias"], self.config.norm_eps)
