@@ -1,0 +1,301 @@
+"""Sparsity tools on tiny random models: calibration, predictors, sparse execution, eval, relufy.
+
+Texts are made here: word sequences sampled (seeded) from the tiny tokenizer's training sentences.
+Calibration and evaluation use two different samples.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from llmflash.convert.writer import convert
+from llmflash.engine.ffn import DenseFFN
+from llmflash.engine.runtime import Engine
+from llmflash.errors import LLMFlashError
+from llmflash.sparsity import commands
+from llmflash.sparsity.calibrate import calibrate, capture_inputs
+from llmflash.sparsity.common import layer_weights
+from llmflash.sparsity.predictor import PredictorSet, TrainOptions, selection_metrics
+from llmflash.sparsity.sparse_ffn import SparseFFN, sparse_ffn_factory
+from llmflash.sparsity.store import PREDICTORS_FILE, STATS_FILE, SparsityStore
+from llmflash.storage.layout import FlashModelDir
+
+PROMPT = [1, 17, 42, 99, 7, 250, 3, 18, 77, 5, 200, 11]
+FAST = dict(epochs=2, min_steps=300, batch=256)
+
+
+def word_text(seed: int, words: int = 6000) -> str:
+    rng = random.Random(seed)
+    vocab = " ".join(tiny_models.TRAIN_TEXT).split()
+    return " ".join(rng.choice(vocab) for _ in range(words))
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("texts")
+    calib, held_out = base / "calib.txt", base / "eval.txt"
+    calib.write_text(word_text(1))
+    held_out.write_text(word_text(2))
+    return calib, held_out
+
+
+def _model(tmp_path_factory, kind: str):
+    base = tmp_path_factory.mktemp(kind)
+    tiny_models.build(kind, base / "hf")
+    return convert(base / "hf", base / "flash", dtype="float32", progress=False).path
+
+
+@pytest.fixture(scope="module")
+def relu_model(tmp_path_factory, texts):
+    """Tiny llama-relu, calibrated with full-rank predictors (d = 64)."""
+    path = _model(tmp_path_factory, "llama-relu")
+    calibrate(path, texts[0], tokens=3000, window=100, train=True,
+              train_options=TrainOptions(rank=64, **FAST), progress=False, log=lambda *a: None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def silu_model(tmp_path_factory, texts):
+    path = _model(tmp_path_factory, "llama-gqa")
+    calibrate(path, texts[0], tokens=2000, window=100, sparsity=0.5, train=True,
+              train_options=TrainOptions(rank=32, **FAST), progress=False, log=lambda *a: None)
+    return path
+
+
+# -- predictors ----------------------------------------------------------------------------------------
+def test_predictor_recall_on_held_out_text(relu_model, texts):
+    """ReLU: the tuned threshold keeps >= 0.97 of truly active neurons on text not used to train."""
+    engine, inputs, _ = capture_inputs(relu_model, texts[1], tokens=1000, window=100, progress=False)
+    preds = PredictorSet.load(engine.dir)
+    for l in range(engine.config.num_layers):
+        x = inputs[l].float()
+        active = layer_weights(engine.dir, l).active(x)
+        m = selection_metrics(preds.mask(l, x), active)
+        assert m["recall"] >= 0.97, (l, m)
+        assert m["selected_fraction"] <= 1.5 * m["active_fraction"], (l, m)
+        assert 0.2 < m["active_fraction"] < 0.8
+    meta = preds.meta
+    assert meta["mode"] == "recall" and meta["ranks"] == [64, 64]
+
+
+def test_select_is_union_most_confident_first(relu_model):
+    d = FlashModelDir(relu_model)
+    preds = PredictorSet.load(d)
+    x = torch.randn(3, d.config.hidden_size)
+    ids = preds.select(0, x)
+    assert ids.dtype == np.int64
+    expected = torch.nonzero(preds.mask(0, x).any(0)).reshape(-1).numpy()
+    assert sorted(ids.tolist()) == expected.tolist()
+    best = preds.probabilities(0, x).max(0).values[ids]
+    assert torch.all(best[:-1] >= best[1:])
+    assert preds.nbytes() > 0 and preds.probabilities(0, x).shape == (3, d.layers[0].neurons)
+
+
+# -- sparse execution ----------------------------------------------------------------------------------
+class _AllTrue:
+    meta: dict = {}
+
+    def mask(self, layer, x):
+        return torch.ones(x.shape[0], 160, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["llama-relu", "opt", "llama-bias"])
+def test_all_true_selection_equals_dense_exactly(tmp_path_factory, kind):
+    d = FlashModelDir(_model(tmp_path_factory, kind))
+    dense = DenseFFN([d.read_layer_bundles(i) for i in range(d.config.num_layers)], d.bundle,
+                     d.config.hidden_act, d.config.act_threshold)
+    sparse = SparseFFN(d, torch.float32, "predictor", predictors=_AllTrue())
+    gen = torch.Generator().manual_seed(0)
+    for T in (1, 5):
+        x = torch.randn(T, d.config.hidden_size, generator=gen)
+        for layer in range(d.config.num_layers):
+            assert torch.equal(sparse(layer, x), dense(layer, x))
+
+
+def test_sparse_computes_only_selected_rows(relu_model):
+    """Decode (one row) gathers exactly the predicted neurons: the FFN over those rows alone."""
+    d = FlashModelDir(relu_model)
+    factory = sparse_ffn_factory("predictor")
+    ffn = factory(d, torch.float32)
+    x = torch.randn(1, d.config.hidden_size)
+    ids = torch.from_numpy(ffn.predictors.select(0, x))
+    w = layer_weights(d, 0)
+    expected = w.ffn.__func__(type(w)(w.rows[ids], w.slices, w.act, w.threshold), x)
+    assert torch.allclose(ffn(0, x), expected, atol=1e-5)
+    assert ffn.selected[0] == len(ids) < d.layers[0].neurons
+
+
+@pytest.mark.parametrize("kind", ["llama-relu", "fatrelu", "opt"])
+def test_oracle_reproduces_dense_logits_for_relu(tmp_path_factory, kind):
+    path = _model(tmp_path_factory, kind)
+    dense = Engine(path)
+    oracle = Engine(path, ffn=sparse_ffn_factory("oracle"))
+    a, b = dense.logits(PROMPT), oracle.logits(PROMPT)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert (oracle.ffn.selected_fraction() < 0.9).all()  # it really skipped neurons
+    # decode path (one row at a time, gathered rows)
+    assert (dense.generate(PROMPT, 12, stop_at_eos=False).token_ids
+            == oracle.generate(PROMPT, 12, stop_at_eos=False).token_ids)
+
+
+def test_nonrelu_thresholds_and_oracle(silu_model):
+    d = FlashModelDir(silu_model)
+    _, meta = SparsityStore(d).read_tensors(STATS_FILE)
+    assert meta["sparsity"] == 0.5 and len(meta["thresholds"]["glu"]) == d.config.num_layers
+    assert all(0.4 < f < 0.6 for f in meta["active_fraction"])
+    oracle = Engine(silu_model, ffn=sparse_ffn_factory("oracle"))
+    oracle.logits(PROMPT)
+    assert np.all(np.abs(oracle.ffn.selected_fraction() - 0.5) < 0.2)
+    pred = Engine(silu_model, ffn=sparse_ffn_factory("predictor"))
+    pred.generate(PROMPT, 4, stop_at_eos=False)
+    assert np.all(pred.ffn.selected_fraction() < 0.8)
+    preds = PredictorSet.load(d)
+    assert preds.meta["mode"] == "budget" and preds.meta["budget"] == 0.5
+    small = Engine(silu_model, ffn=sparse_ffn_factory("predictor", budget=0.3))
+    small.logits(PROMPT)
+    assert np.all(small.ffn.selected_fraction() < pred.ffn.selected_fraction() + 0.05)
+    with pytest.raises(LLMFlashError, match="budget"):
+        preds.use_budget(0.55)
+
+
+def test_missing_calibration_is_a_clear_error(tmp_path_factory):
+    path = _model(tmp_path_factory, "llama-gqa")
+    with pytest.raises(LLMFlashError, match="calibrate"):
+        Engine(path, ffn=sparse_ffn_factory("oracle"))
+    with pytest.raises(LLMFlashError, match="predictors.safetensors"):
+        PredictorSet.load(FlashModelDir(path))
+    with pytest.raises(LLMFlashError, match="unknown"):
+        sparse_ffn_factory("sometimes")
+
+
+# -- checksums -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [STATS_FILE, PREDICTORS_FILE])
+def test_bad_checksum_is_refused(tmp_path_factory, texts, name):
+    path = _model(tmp_path_factory, "llama-relu")
+    calibrate(path, texts[0], tokens=600, window=100, train=True,
+              train_options=TrainOptions(rank=8, epochs=1, min_steps=20), progress=False, log=lambda *a: None)
+    d = FlashModelDir(path)
+    file = d.path / "sparsity" / name
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(LLMFlashError, match=f"checksum mismatch: .*{name}"):
+        SparsityStore(d).read_tensors(name)
+    if name == PREDICTORS_FILE:
+        with pytest.raises(LLMFlashError, match="checksum mismatch"):
+            Engine(path, ffn=sparse_ffn_factory("predictor"))
+    file.write_bytes(bytes(data[:-10]))
+    with pytest.raises(LLMFlashError, match="truncated"):
+        SparsityStore(d).read_tensors(name)
+
+
+# -- eval and CLI --------------------------------------------------------------------------------------
+def test_eval_json_and_plot(relu_model, texts, tmp_path, capsys):
+    plot = tmp_path / "curves.png"
+    args = ["eval", str(relu_model), "--text", str(texts[1]), "--tokens", "600", "--window", "100",
+            "--json", "--quiet"]
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(plot)]
+    except ImportError:
+        plot = None
+    assert commands.main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    ppl = r["perplexity"]
+    assert set(ppl) == {"dense", "oracle", "predictor"}
+    assert abs(ppl["oracle"] / ppl["dense"] - 1) < 1e-4  # ReLU oracle is exact
+    assert ppl["predictor"] > 0
+    assert len(r["layers"]) == 2
+    for e in r["layers"]:
+        assert {"recall", "precision", "selected_fraction", "active_fraction"} <= set(e)
+        assert e["recall"] > 0.9
+    held = [w["held_fraction"] for w in r["window_stats"]["active"]]
+    new = [w["new_fraction"] for w in r["window_stats"]["active"]]
+    assert len(held) == 8 and held == sorted(held) and new == sorted(new, reverse=True)
+    if plot is not None:
+        assert plot.stat().st_size > 1000
+    assert commands.main(["eval", str(relu_model), "--text", str(texts[1]), "--tokens", "300",
+                          "--window", "100", "--quiet"]) == 0
+    assert "perplexity: dense" in capsys.readouterr().out
+
+
+def test_calibrate_cli_and_rerun(tmp_path_factory, texts, capsys):
+    path = _model(tmp_path_factory, "opt")
+    argv = ["calibrate", str(path), "--text", str(texts[0]), "--tokens", "800", "--window", "100",
+            "--rank", "16", "--epochs", "1", "--min-steps", "30", "--quiet", "--json"]
+    assert commands.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["predictors"]["ranks"] == [16, 16]
+    idx = json.loads((path / "sparsity" / "index.json").read_text())
+    assert set(idx["files"]) == {STATS_FILE, PREDICTORS_FILE}
+    assert commands.main(argv) == 0  # rerunning replaces the files atomically
+    assert not list((path / "sparsity").glob(".*tmp*"))
+    assert commands.main(["calibrate", str(path), "--text", str(path / "nope.txt")]) == 2
+
+
+# -- relufication --------------------------------------------------------------------------------------
+def test_relufy_lowers_loss_and_gives_exact_zeros(tmp_path_factory, texts):
+    from llmflash.sparsity.relufy import RelufyOptions, relufy
+
+    src = _model(tmp_path_factory, "llama-gqa")
+    dst = src.parent / "relu"
+    opts = RelufyOptions(steps=8, seq_len=48, batch=2, lr=1e-3, eval_tokens=300, checkpoint_every=3,
+                         refit=False, ce_weight=0.0)
+    report = relufy(src, dst, texts[0], opts, eval_text=texts[1], progress=False, log=lambda *a: None)
+    assert report["before"]["exact_zero_fraction"] == 0.0
+    assert report["after"]["kl_to_original"] < 0.8 * report["swapped"]["kl_to_original"]
+    assert np.mean(report["losses"][-3:]) < np.mean(report["losses"][:3])
+    assert report["after"]["exact_zero_fraction"] > 0.3
+    engine = Engine(dst)
+    assert engine.config.hidden_act == "relu"
+    w = layer_weights(engine.dir, 0)
+    x = torch.randn(20, engine.config.hidden_size)
+    assert (w.active(x).float().mean()) < 0.8  # exact zeros in the stored model
+    assert not (dst.parent / f".{dst.name}.relufy-ckpt.pt").exists()
+    with pytest.raises(LLMFlashError, match="already exists"):
+        relufy(src, dst, texts[0], opts, progress=False, log=lambda *a: None)
+
+
+def test_relufy_resumes_from_checkpoint(tmp_path_factory, texts):
+    from llmflash.sparsity.relufy import RelufyOptions, relufy
+
+    src = _model(tmp_path_factory, "llama-gqa")
+    a = RelufyOptions(steps=4, seq_len=32, batch=1, eval_tokens=200, checkpoint_every=2)
+    full = relufy(src, src.parent / "full", texts[0], a, eval_text=texts[1], progress=False, log=lambda *a: None)
+    # simulate an interruption: a checkpoint at step 2, then resume to step 4
+    ckpt = src.parent / ".resumed.relufy-ckpt.pt"
+    calls = {"n": 0}
+    import llmflash.sparsity.relufy as rmod
+
+    orig = rmod._write_model
+
+    def crash(*args, **kw):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    rmod._write_model = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            relufy(src, src.parent / "resumed", texts[0], a, eval_text=texts[1], progress=False, log=lambda *a: None)
+    finally:
+        rmod._write_model = orig
+    assert ckpt.exists()
+    resumed = relufy(src, src.parent / "resumed", texts[0], a, eval_text=texts[1], progress=False,
+                     log=lambda *a: None)
+    assert resumed["losses"] == full["losses"]
+    assert resumed["after"]["perplexity"] == pytest.approx(full["after"]["perplexity"], rel=1e-5)
+
+
+def test_relufy_refuses_relu_source(tmp_path_factory, texts):
+    from llmflash.sparsity.relufy import RelufyOptions, relufy
+
+    src = _model(tmp_path_factory, "opt")
+    with pytest.raises(LLMFlashError, match="gated"):
+        relufy(src, src.parent / "x", texts[0], RelufyOptions(steps=1), progress=False)
