@@ -39,9 +39,13 @@ def engines(path, **kw):
 @pytest.mark.parametrize("memory,window", [("100%", 5), ("100%", 1), ("93%", 3)])
 def test_oracle_flash_equals_dense(model, memory, window):
     path, kind = model
-    if kind == "silu":
-        with pytest.raises(LLMFlashError, match="oracle selection needs exact zeros"):
-            engines(path)
+    if kind == "silu":  # magnitude oracle: half the neurons per token, approximate by design
+        dense, flash = engines(path, memory=memory, window=window)
+        result = flash.generate(PROMPT, 8, stop_at_eos=False)
+        n = flash.config.intermediate_size * flash.config.num_layers
+        assert result.stats["neurons_loaded"][0] <= n  # ran, within the cache
+        selected = flash.ffn.selector.select(0, torch.randn(1, flash.config.hidden_size))
+        assert len(selected) == flash.config.intermediate_size // 2
         return
     dense, flash = engines(path, memory=memory, window=window)
     cache_d = dense.model.new_cache(64)
@@ -157,7 +161,8 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     out = json.loads(proc.stdout)
     plan = out["stats"]["memory_plan"]
     oracle_copy = out["stats"]["selector_bytes"]  # an instrument, outside the budget by design
-    kv = 2 * 8 * 4 * 64 * 4 * 48
-    staging = 8 << 20  # reader staging and 4 MiB prompt chunks
-    limit = plan["budget_bytes"] + runtime_overhead_bytes() + oracle_copy + kv + staging + (16 << 20)
+    # Fixed overhead beyond the imports (docs/FLASH.md): KV cache, reader staging, 4 MiB prompt
+    # chunks, reader thread stacks and allocator slack from building the oracle's copy.
+    fixed = 64 << 20
+    limit = plan["budget_bytes"] + runtime_overhead_bytes() + oracle_copy + fixed
     assert out["peak_rss_bytes"] <= limit, (out["peak_rss_bytes"], limit)

@@ -67,9 +67,13 @@ def test_logits_close(converted, reference):
 def test_demo_command_runs(smollm2_gguf, tmp_path):
     """The README's main job, through the CLI, into a fresh models directory."""
     proc = subprocess.run([sys.executable, "-m", "llmflash", "demo", "--models-dir", str(tmp_path),
-                           "--max-new-tokens", "12", "--json"], capture_output=True, text=True,
-                          timeout=600)
+                           "--max-new-tokens", "12", "--bench-tokens", "4"], capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
+    assert "flash/naive" in proc.stdout and "mmap" in proc.stdout
+    assert (tmp_path / "smollm2-135m-instruct-float32" / "manifest.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "llmflash", "demo", "--models-dir", str(tmp_path),
+                           "--max-new-tokens", "6", "--json"], capture_output=True, text=True,
+                          timeout=600)
     out = json.loads(proc.stdout)
-    assert out["token_ids"] and out["text"]
-    assert (tmp_path / "smollm2-135m-instruct-float16" / "manifest.json").exists()
+    assert out["mode"] == "flash" and out["token_ids"] and out["stats"]["bytes_read"] > 0

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from llmflash.engine.memory import model_weight_bytes, parse_budget
 from llmflash.errors import LLMFlashError
 from llmflash.storage.layout import FlashModelDir
@@ -50,8 +52,8 @@ def drop_page_cache(directory: Path) -> None:
 
 def runtime_overhead_bytes() -> int:
     """Peak RSS of a process that imported the runtime but loaded no model (measured, not assumed)."""
-    code = ("import resource, torch, llmflash.engine.runtime, llmflash.engine.flash;"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = ("import torch, llmflash.cli, llmflash.engine.flash, llmflash.engine.runtime as r;"
+            "print(r.peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
@@ -89,7 +91,8 @@ def run_mode(model: Path, mode: str, prompt_ids: list[int], tokens: int, memory:
     drop_page_cache(model)
     cmd = [sys.executable, "-m", "llmflash", "generate", str(model), "--ids",
            ",".join(map(str, prompt_ids)), "--max-new-tokens", str(tokens), "--mode", mode,
-           "--memory", memory, "--window", str(window), "--sparsity", sparsity, "--json",
+           "--memory", memory, "--window", str(window),
+           "--sparsity", sparsity if mode == "flash" else "none", "--json",
            "--dtype", dtype, "--ignore-eos", "--pin", str(pin)]
     cg = MemoryLimit(limit)
     try:
@@ -170,6 +173,10 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
         progress(f"bench: running {mode} ...")
         started = time.perf_counter()
         limit = budget + overhead if (limit_memory and mode != "dense") else None
+        if limit is not None and mode == "flash" and sparsity == "oracle":
+            from llmflash.engine.flash import oracle_nbytes
+
+            limit += oracle_nbytes(model_dir, torch.float32)  # the instrument, outside the budget
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
                        pin if mode == "flash" else 0.0)
         result["modes"][mode] = summarise(run, profile)

@@ -59,6 +59,21 @@ def process_read_bytes() -> int:
     return 0
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Unlike ru_maxrss it is not inherited from a
+    parent across fork+exec, so a child started by a large process reports its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
     """Per-token split: I/O, memory management, compute (the rest of each step's wall time).
 
