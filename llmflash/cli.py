@@ -73,6 +73,9 @@ def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
                    help="which FFN neurons to compute: none (all), oracle (the truly active ones; "
                         "ReLU models or calibrated thresholds), predictor (trained predictors). "
                         "Default: none for dense mode, predictor for flash")
+    p.add_argument("--sparsity-budget", type=float, default=None,
+                   help="predictor: use the thresholds that selected this share of neurons (0.1..0.9) "
+                        "on calibration text instead of the trained decision thresholds")
     p.add_argument("--threads", type=int, default=32, help="reads in flight (flash, naive, hybrid)")
     p.add_argument("--pin", type=float, default=0.0,
                    help="flash: share of each layer's hottest neurons kept pinned in the cache "
@@ -155,9 +158,11 @@ def make_engine(model: Path, args: argparse.Namespace):
         # sparse execution in DRAM: the FFN computed over the selected neurons only
         from llmflash.sparsity.sparse_ffn import sparse_ffn_factory
 
-        return Engine(model, dtype=_dtype(args.dtype), ffn=sparse_ffn_factory(sparsity))
+        return Engine(model, dtype=_dtype(args.dtype),
+                      ffn=sparse_ffn_factory(sparsity, budget=args.sparsity_budget))
     options = RunOptions(mode=args.mode, memory=args.memory, window=args.window,
-                         sparsity=sparsity, threads=args.threads, pin=args.pin)
+                         sparsity=sparsity, threads=args.threads, pin=args.pin,
+                         sparsity_budget=args.sparsity_budget)
     return Engine(model, dtype=_dtype(args.dtype), ffn=ffn_factory(options))
 
 

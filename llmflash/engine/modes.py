@@ -29,9 +29,11 @@ class RunOptions:
     sparsity: str = "predictor"
     threads: int = 32
     pin: float = 0.0  # share of each layer's neurons pinned in DRAM (hottest first)
+    sparsity_budget: float | None = None  # predictor thresholds that selected this share
 
 
-def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str):
+def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str,
+                  budget: float | None = None):
     if sparsity == "oracle":
         from llmflash.engine.flash import OracleSelector
 
@@ -41,7 +43,10 @@ def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str):
             from llmflash.sparsity.predictor import PredictorSet
         except ImportError:  # pragma: no cover - the sparsity package ships with llmflash
             raise LLMFlashError("predictors are not available in this build") from None
-        return PredictorSet.load(model_dir, dtype)
+        predictors = PredictorSet.load(model_dir, dtype)
+        if budget is not None:
+            predictors.use_budget(budget)
+        return predictors
     if sparsity == "none":
         raise LLMFlashError("flash mode reads only selected neurons: use --sparsity predictor or oracle "
                             "(or --mode naive/hybrid to read every neuron)")
@@ -70,7 +75,7 @@ def ffn_factory(options: RunOptions):
         if options.mode == "hybrid":
             plan = plan_memory(model_dir, options.memory, dtype)
             return flash.NaiveFFN(model_dir, dtype, reader, resident_layers=plan.resident_ffn_layers)
-        selector = make_selector(model_dir, dtype, options.sparsity)
+        selector = make_selector(model_dir, dtype, options.sparsity, options.sparsity_budget)
         # The oracle's resident gate copy is an instrument, reported but not charged to the budget.
         charged = 0 if options.sparsity == "oracle" else selector.nbytes()
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged,
