@@ -143,7 +143,7 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
 
     import transformers as tf
 
-    from llmflash.engine.bench import runtime_overhead_bytes
+    from llmflash.engine.bench import FIXED_OVERHEAD_BYTES, runtime_overhead_bytes
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=4096, num_hidden_layers=8,
@@ -161,8 +161,5 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     out = json.loads(proc.stdout)
     plan = out["stats"]["memory_plan"]
     oracle_copy = out["stats"]["selector_bytes"]  # an instrument, outside the budget by design
-    # Fixed overhead beyond the imports (docs/FLASH.md): KV cache, reader staging, 4 MiB prompt
-    # chunks, reader thread stacks and allocator slack from building the oracle's copy.
-    fixed = 64 << 20
-    limit = plan["budget_bytes"] + runtime_overhead_bytes() + oracle_copy + fixed
+    limit = plan["budget_bytes"] + runtime_overhead_bytes() + oracle_copy + FIXED_OVERHEAD_BYTES
     assert out["peak_rss_bytes"] <= limit, (out["peak_rss_bytes"], limit)
