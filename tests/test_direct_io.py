@@ -22,6 +22,7 @@ from llmflash.storage.direct_io import (
     aligned_empty,
     round_up,
 )
+from llmflash.storage.kernel_aio import KernelAIO, kernel_aio_available
 from llmflash.storage.planner import DEFAULT_PROFILE, plan_reads
 
 FILE_BYTES = 4 << 20
@@ -64,9 +65,19 @@ def random_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndar
     return path, _write_random_file(path, FILE_BYTES, seed=1234)
 
 
-@pytest.fixture(scope="module")
-def reader() -> FlashReader:
-    with FlashReader(threads=16, profile=DEFAULT_PROFILE, max_read_bytes=64 << 10, range_chunk_bytes=256 << 10) as r:
+BACKENDS = [
+    "threads",
+    pytest.param("aio", marks=pytest.mark.skipif(not kernel_aio_available(), reason="kernel AIO unavailable")),
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def reader(request: pytest.FixtureRequest) -> FlashReader:
+    with FlashReader(
+        threads=16, profile=DEFAULT_PROFILE, max_read_bytes=64 << 10, range_chunk_bytes=256 << 10,
+        backend=request.param,
+    ) as r:
+        assert r.backend == request.param
         yield r
 
 
@@ -229,21 +240,24 @@ def test_o_direct_is_used_on_the_repository_filesystem(repo_fs_dir: Path) -> Non
         assert fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_DIRECT
 
 
-def _cold_read_bytes(path: Path, direct: bool, slots: np.ndarray, bb: int) -> tuple[int, int, int]:
+def _cold_read_bytes(
+    path: Path, direct: bool, slots: np.ndarray, bb: int, backend: str = "auto"
+) -> tuple[int, int, int]:
     """(process read_bytes delta, stats.bytes, stats.reads) for one read_bundles call."""
-    with FlashFile(path, direct=direct) as f, FlashReader(threads=8, profile=DEFAULT_PROFILE) as reader:
+    with FlashFile(path, direct=direct) as f, FlashReader(threads=8, profile=DEFAULT_PROFILE, backend=backend) as reader:
         before = _process_read_bytes()
         reader.read_bundles(f, 0, bb, slots)
         return _process_read_bytes() - before, reader.stats.bytes, reader.stats.reads
 
 
-def test_cold_direct_read_moves_what_stats_report(repo_fs_dir: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cold_direct_read_moves_what_stats_report(repo_fs_dir: Path, backend: str) -> None:
     if _filesystem_type(repo_fs_dir) not in DIRECT_IO_FILESYSTEMS:
         pytest.skip("needs a disk-backed filesystem")
     path = repo_fs_dir / "cold.bin"
     _write_random_file(path, 8 << 20, seed=6)
     slots = np.random.default_rng(1).choice((8 << 20) // 3456, 200, replace=False)
-    device, requested, _ = _cold_read_bytes(path, True, slots, 3456)
+    device, requested, _ = _cold_read_bytes(path, True, slots, 3456, backend)
     assert requested <= device <= requested + 4096  # + the 512-byte O_DIRECT probe at open
 
 
@@ -311,10 +325,58 @@ def test_closed_file_refuses_reads(random_file: tuple[Path, np.ndarray]) -> None
             reader.read_bundles(f, 0, 4096, np.array([0, 100]))
 
 
-def test_file_truncated_while_open_is_a_short_read_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_truncated_while_open_is_a_short_read_error(tmp_path: Path, backend: str) -> None:
     path = tmp_path / "shrinks.bin"
     _write_random_file(path, 1 << 20, seed=9)
-    with FlashFile(path) as f, FlashReader(threads=4, profile=DEFAULT_PROFILE) as reader:
+    with FlashFile(path) as f, FlashReader(threads=4, profile=DEFAULT_PROFILE, backend=backend) as reader:
         os.truncate(path, 4096)
         with pytest.raises(LLMFlashError, match="short read from .*shrinks.bin"):
             reader.read_bundles(f, 0, 16384, np.array([10, 40]))
+
+
+# -- kernel AIO ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not kernel_aio_available(), reason="kernel AIO unavailable")
+@pytest.mark.parametrize("in_flight", [1, 3, 64])
+def test_kernel_aio_reads_more_ranges_than_its_depth(
+    random_file: tuple[Path, np.ndarray], in_flight: int
+) -> None:
+    path, data = random_file
+    rng = np.random.default_rng(in_flight)
+    n, size = 100, 8192
+    offsets = rng.integers(0, data.size // size, n).astype(np.int64) * size
+    dest = aligned_empty(n * size)
+    with FlashFile(path, direct=True) as f:
+        aio = KernelAIO(depth=16)
+        try:
+            got = aio.read(f.fd, dest, offsets, np.full(n, size, np.int64), np.arange(n) * size, in_flight)
+        finally:
+            aio.close()
+    assert (got == size).all()
+    expected = np.stack([data[o : o + size] for o in offsets.tolist()])
+    np.testing.assert_array_equal(dest.reshape(n, size), expected)
+
+
+@pytest.mark.skipif(not kernel_aio_available(), reason="kernel AIO unavailable")
+def test_kernel_aio_reports_errors_and_end_of_file(random_file: tuple[Path, np.ndarray]) -> None:
+    path, data = random_file
+    dest = aligned_empty(8192)
+    aio = KernelAIO(depth=4)
+    try:
+        with FlashFile(path, direct=True) as f:
+            last = (data.size // 4096 - 1) * 4096
+            got = aio.read(f.fd, dest, np.array([last]), np.array([8192]), np.array([0]))
+            assert got.tolist() == [4096]  # short only because the file ends
+            with pytest.raises(OSError):  # misaligned offset: the kernel says EINVAL
+                aio.read(f.fd, dest, np.array([100]), np.array([4096]), np.array([0]))
+    finally:
+        aio.close()
+    with pytest.raises(LLMFlashError, match="closed"):
+        aio.read(0, dest, np.array([0]), np.array([4096]), np.array([0]))
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        FlashReader(backend="uring")
