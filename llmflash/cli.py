@@ -77,6 +77,9 @@ def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
                    help="predictor: use the thresholds that selected this share of neurons (0.1..0.9) "
                         "on calibration text instead of the trained decision thresholds")
     p.add_argument("--threads", type=int, default=32, help="reads in flight (flash, naive, hybrid)")
+    p.add_argument("--reader", default="auto", choices=("auto", "aio", "threads"),
+                   help="how reads are kept in flight: kernel AIO or a thread pool calling preadv "
+                        "(auto: AIO for O_DIRECT files where the kernel allows it)")
     p.add_argument("--pin", type=float, default=0.0,
                    help="flash: share of each layer's hottest neurons kept pinned in the cache "
                         "(e.g. 0.03; needs `llmflash reorder`)")
@@ -162,7 +165,7 @@ def make_engine(model: Path, args: argparse.Namespace):
                       ffn=sparse_ffn_factory(sparsity, budget=args.sparsity_budget))
     options = RunOptions(mode=args.mode, memory=args.memory, window=args.window,
                          sparsity=sparsity, threads=args.threads, pin=args.pin,
-                         sparsity_budget=args.sparsity_budget)
+                         sparsity_budget=args.sparsity_budget, reader=args.reader)
     return Engine(model, dtype=_dtype(args.dtype), ffn=ffn_factory(options))
 
 

@@ -124,7 +124,7 @@ class TokenLog:
     neurons_loaded: list[int] = field(default_factory=list)
     rows_used: list[int] = field(default_factory=list)
     window_shrunk: list[int] = field(default_factory=list)  # layers whose window shrank
-    dropped: list[int] = field(default_factory=list)  # active neurons that did not fit
+    streamed: list[int] = field(default_factory=list)  # selected neurons over capacity, not cached
 
     def start(self) -> None:
         for values in self.__dict__.values():
@@ -192,6 +192,9 @@ class FlashFFN(_FlashBacked):
                         pinned=self.pinned[layer], reuse_holes=True)
             for layer in range(model_dir.config.num_layers)
         ]
+        # Selected neurons that do not fit a layer's cache even with the window shrunk to one
+        # token are read into these rows wave by wave, computed and forgotten (charged to the plan).
+        self.scratch = torch.empty(plan.scratch_rows, model_dir.bundle.elements, dtype=dtype)
         self.log.start()  # the pinned rows' one-time load, reported apart from the tokens
         for layer, cache in enumerate(self.caches):
             self._load_plan(layer, cache.initial_plan())
@@ -225,10 +228,31 @@ class FlashFFN(_FlashBacked):
         t0 = time.perf_counter()
         ids = self.selector.select(layer, x)
         self.log.add(select_s=time.perf_counter() - t0)
-        self._admit(layer, ids)
-        return ffn_from_rows(x, self.caches[layer].used_rows(), self.slices, self.act, self.threshold)
+        overflow = self._admit(layer, ids)
+        y = ffn_from_rows(x, self.caches[layer].used_rows(), self.slices, self.act, self.threshold)
+        if len(overflow):
+            y += self._stream(layer, x, overflow)
+        return y
 
-    def _admit(self, layer: int, ids: np.ndarray) -> None:
+    def _stream(self, layer: int, x: torch.Tensor, neurons: np.ndarray) -> torch.Tensor:
+        """FFN over neurons that fit no cache row: read through the scratch rows, not kept."""
+        if len(self.scratch) == 0:
+            raise LLMFlashError("flash: a layer's selection exceeds its cache and the plan has no scratch rows")
+        neurons = np.sort(neurons)
+        y = torch.zeros_like(x)
+        for start in range(0, len(neurons), len(self.scratch)):
+            part = neurons[start : start + len(self.scratch)]
+            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
+                             self.bundle_bytes, self.slot_of[layer][part])
+            t0 = time.perf_counter()
+            rows = self.scratch[: len(part)]
+            rows.copy_(self._as_rows(raw))
+            self.log.add(mem_s=time.perf_counter() - t0)
+            y += ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
+        return y
+
+    def _admit(self, layer: int, ids: np.ndarray) -> np.ndarray:
+        """Bring the selection into the cache; returns the selected neurons that did not fit."""
         cache = self.caches[layer]
         t0 = time.perf_counter()
         plan = cache.step(ids)
@@ -241,13 +265,16 @@ class FlashFFN(_FlashBacked):
             mem += time.perf_counter() - t1
         self.log.add(mem_s=mem, neurons_loaded=len(plan), rows_used=cache.n_used,
                      window_shrunk=int(plan.window_used < min(self.window, cache.t + 1)),
-                     dropped=len(plan.dropped))
+                     streamed=len(plan.dropped))
+        return plan.dropped
 
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window."""
         cache = self.caches[layer]
         cache.reset()  # pinned rows stay; the rest are scratch for streaming the layer
         scratch = cache.rows[cache.n_pinned:]
+        if len(self.scratch) > len(scratch):
+            scratch = self.scratch
         region = self.dir.layers[layer]
         chunk = max(1, min(len(scratch), PREFILL_CHUNK_BYTES // self.bundle_bytes))
         y = torch.zeros_like(x)

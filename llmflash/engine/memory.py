@@ -59,6 +59,9 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     return total
 
 
+MIN_SCRATCH_ROWS = 64  # enough reads in flight to amortise the device latency (STORAGE.md)
+
+
 @dataclass
 class MemoryPlan:
     budget_bytes: int
@@ -72,6 +75,11 @@ class MemoryPlan:
     resident_ffn_layers: int  # FFN layers kept whole in DRAM (hybrid)
     capacities: list[int] | None = None  # rows per layer, when sized from window statistics
     sized_from: str = "uniform"
+    scratch_rows: int = 0  # one buffer shared by all layers for selected neurons over capacity
+
+    @property
+    def scratch_bytes(self) -> int:
+        return self.scratch_rows * self.row_bytes
 
     def capacity(self, layer: int) -> int:
         return self.capacities[layer] if self.capacities else self.capacity_per_layer
@@ -83,11 +91,12 @@ class MemoryPlan:
 
     @property
     def planned_bytes(self) -> int:
-        return self.resident_bytes + self.extra_resident_bytes + self.cache_bytes
+        return self.resident_bytes + self.extra_resident_bytes + self.cache_bytes + self.scratch_bytes
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(cache_bytes=self.cache_bytes, planned_bytes=self.planned_bytes,
+        d.update(cache_bytes=self.cache_bytes, scratch_bytes=self.scratch_bytes,
+                 planned_bytes=self.planned_bytes,
                  capacity_fraction=self.cache_bytes / self.row_bytes
                  / (self.neurons_per_layer * self.layers))
         return d
@@ -119,11 +128,14 @@ def _capacities_from_windows(model_dir: FlashModelDir, total_rows: int, window: 
 
 
 def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
-                extra_resident_bytes: int = 0, window: int | None = None) -> MemoryPlan:
+                extra_resident_bytes: int = 0, window: int | None = None,
+                scratch_share: float = 0.0) -> MemoryPlan:
     """Split the budget: resident part first, the rest to neuron caches.
 
     Per-layer cache sizes follow the window statistics `llmflash reorder` records, where present
-    and a window is given; otherwise every layer gets the same number of rows.
+    and a window is given; otherwise every layer gets the same number of rows. `scratch_share` of
+    the rows left (at least one wave of reads' worth, at most one layer) becomes the scratch buffer
+    through which flash mode streams selected neurons that do not fit a layer's cache.
     """
     cfg = model_dir.config
     model_bytes = model_weight_bytes(model_dir)
@@ -140,6 +152,11 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
             f"{(need + row_bytes * cfg.num_layers) / 2**20:.1f} MiB "
             f"({100 * (need + row_bytes * cfg.num_layers) / model_bytes:.1f}% of the stored model)")
     free = budget_bytes - need
+    scratch = 0
+    if scratch_share > 0:
+        spare_rows = free // row_bytes - cfg.num_layers  # keep at least one cached row per layer
+        scratch = int(min(cfg.intermediate_size, spare_rows, max(MIN_SCRATCH_ROWS, spare_rows * scratch_share)))
+        free -= scratch * row_bytes
     capacity = min(cfg.intermediate_size, free // (row_bytes * cfg.num_layers))
     layer_bytes = row_bytes * cfg.intermediate_size
     caps = None
@@ -152,4 +169,5 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
         capacity_per_layer=int(min(caps)) if caps else int(capacity),
         resident_ffn_layers=int(min(cfg.num_layers, free // layer_bytes)),
         capacities=caps, sized_from=f"window statistics, k={window}" if caps else "uniform",
+        scratch_rows=scratch,
     )

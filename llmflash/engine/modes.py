@@ -18,6 +18,8 @@ from llmflash.errors import LLMFlashError
 from llmflash.storage.layout import FlashModelDir
 
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
+PREDICTOR_DTYPE = torch.float16
+SCRATCH_SHARE = 1 / 8  # of the cache rows, for streaming selections that overflow a layer's cache
 SPARSITY = ("none", "oracle", "predictor")
 
 
@@ -30,6 +32,7 @@ class RunOptions:
     threads: int = 32
     pin: float = 0.0  # share of each layer's neurons pinned in DRAM (hottest first)
     sparsity_budget: float | None = None  # predictor thresholds that selected this share
+    reader: str = "auto"  # auto (kernel AIO where allowed) | aio | threads
 
 
 def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str,
@@ -43,7 +46,9 @@ def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str,
             from llmflash.sparsity.predictor import PredictorSet
         except ImportError:  # pragma: no cover - the sparsity package ships with llmflash
             raise LLMFlashError("predictors are not available in this build") from None
-        predictors = PredictorSet.load(model_dir, dtype)
+        # Held at float16, the precision they are stored in: half the DRAM of float32 for the
+        # same selections, which leaves that much more of the budget to the neuron caches.
+        predictors = PredictorSet.load(model_dir, PREDICTOR_DTYPE)
         if budget is not None:
             predictors.use_budget(budget)
         return predictors
@@ -69,7 +74,7 @@ def ffn_factory(options: RunOptions):
             return dense_ffn(model_dir, dtype)
         if options.mode == "mmap":
             return flash.MmapFFN(model_dir, dtype)
-        reader = FlashReader(threads=options.threads)
+        reader = FlashReader(threads=options.threads, backend=options.reader)
         if options.mode == "naive":
             return flash.NaiveFFN(model_dir, dtype, reader)
         if options.mode == "hybrid":
@@ -79,7 +84,7 @@ def ffn_factory(options: RunOptions):
         # The oracle's resident gate copy is an instrument, reported but not charged to the budget.
         charged = 0 if options.sparsity == "oracle" else selector.nbytes()
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged,
-                           window=options.window)
+                           window=options.window, scratch_share=SCRATCH_SHARE)
         return flash.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
 
     return build

@@ -90,7 +90,7 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
         io, mem, sel, nbytes, reads = log.io_s, log.mem_s, log.select_s, log.bytes, log.reads
         extra = {"neurons_loaded": log.neurons_loaded[1:], "rows_used": log.rows_used[1:],
                  "window_shrunk_layers": log.window_shrunk[1:],
-                 "dropped_neurons": log.dropped[1:]}
+                 "streamed_neurons": log.streamed[1:]}
     n = min(len(steps), len(io))
     ms = lambda values: [round(v * 1000, 4) for v in values[1:n]]  # noqa: E731
     out = {
