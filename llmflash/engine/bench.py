@@ -134,7 +134,8 @@ def summarise(run: dict, profile) -> dict:
     per_token = [a + b + c for a, b, c in zip(s["io_ms"], s["mem_ms"], s["compute_ms"])]
     io_s = sum(s["io_ms"]) / 1000
     reads, nbytes = sum(s["reads_per_token"]), sum(s["bytes_per_token"])
-    predicted = profile.read_seconds(reads, nbytes) if reads else 0.0
+    # The profile's time for the same waves of reads the run issued (per call, not per token).
+    predicted = sum(s["io_model_ms"]) / 1000 if "io_model_ms" in s else profile.read_seconds(reads, nbytes)
     return {
         "tokens_per_s": t["tokens_per_s"],
         "ms_per_token": _median(per_token),

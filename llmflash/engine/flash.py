@@ -117,6 +117,7 @@ class TokenLog:
     """Per-token counters of a flash-backed provider (one entry per forward pass)."""
 
     io_s: list[float] = field(default_factory=list)
+    io_model_s: list[float] = field(default_factory=list)  # the device profile's time for the same reads
     mem_s: list[float] = field(default_factory=list)
     select_s: list[float] = field(default_factory=list)
     bytes: list[int] = field(default_factory=list)
@@ -158,7 +159,8 @@ class _FlashBacked:
         out = fn(self.file, *args)
         after = self.reader.stats
         self.log.add(io_s=time.perf_counter() - t0, bytes=after.bytes - before.bytes,
-                     reads=after.reads - before.reads)
+                     reads=after.reads - before.reads,
+                     io_model_s=after.model_seconds - before.model_seconds)
         return out
 
     def _layer_rows(self, layer: int, buffer: np.ndarray) -> torch.Tensor:
@@ -195,6 +197,10 @@ class FlashFFN(_FlashBacked):
         # Selected neurons that do not fit a layer's cache even with the window shrunk to one
         # token are read into these rows wave by wave, computed and forgotten (charged to the plan).
         self.scratch = torch.empty(plan.scratch_rows, model_dir.bundle.elements, dtype=dtype)
+        # When the compute dtype is the stored one, reads land in the scratch rows directly.
+        same = self.scratch.element_size() * model_dir.bundle.elements == self.bundle_bytes and (
+            str(dtype) == f"torch.{model_dir.bundle.dtype}")
+        self._scratch_bytes = self.scratch.numpy().view(np.uint8) if same and dtype != torch.bfloat16 else None
         self.log.start()  # the pinned rows' one-time load, reported apart from the tokens
         for layer, cache in enumerate(self.caches):
             self._load_plan(layer, cache.initial_plan())
@@ -242,12 +248,14 @@ class FlashFFN(_FlashBacked):
         y = torch.zeros_like(x)
         for start in range(0, len(neurons), len(self.scratch)):
             part = neurons[start : start + len(self.scratch)]
-            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
-                             self.bundle_bytes, self.slot_of[layer][part])
-            t0 = time.perf_counter()
             rows = self.scratch[: len(part)]
-            rows.copy_(self._as_rows(raw))
-            self.log.add(mem_s=time.perf_counter() - t0)
+            direct = None if self._scratch_bytes is None else self._scratch_bytes[: len(part)]
+            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
+                             self.bundle_bytes, self.slot_of[layer][part], direct)
+            if direct is None:
+                t0 = time.perf_counter()
+                rows.copy_(self._as_rows(raw))
+                self.log.add(mem_s=time.perf_counter() - t0)
             y += ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
         return y
 

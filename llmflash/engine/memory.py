@@ -134,7 +134,7 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
 
     Per-layer cache sizes follow the window statistics `llmflash reorder` records, where present
     and a window is given; otherwise every layer gets the same number of rows. `scratch_share` of
-    the rows left (at least one wave of reads' worth, at most one layer) becomes the scratch buffer
+    the rows left (at least one wave of reads, at most a quarter of a layer) becomes the scratch buffer
     through which flash mode streams selected neurons that do not fit a layer's cache.
     """
     cfg = model_dir.config
@@ -155,7 +155,8 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
     scratch = 0
     if scratch_share > 0:
         spare_rows = free // row_bytes - cfg.num_layers  # keep at least one cached row per layer
-        scratch = int(min(cfg.intermediate_size, spare_rows, max(MIN_SCRATCH_ROWS, spare_rows * scratch_share)))
+        wanted = min(cfg.intermediate_size // 4, spare_rows * scratch_share)  # a wave, not a layer
+        scratch = int(min(cfg.intermediate_size, spare_rows, max(MIN_SCRATCH_ROWS, wanted)))
         free -= scratch * row_bytes
     capacity = min(cfg.intermediate_size, free // (row_bytes * cfg.num_layers))
     layer_bytes = row_bytes * cfg.intermediate_size

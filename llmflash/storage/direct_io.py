@@ -235,22 +235,26 @@ class ReadStats:
     wanted_bytes: int = 0
     seconds: float = 0.0
     calls: int = 0
+    # What the device profile predicts for the same calls (each call is a wave of reads whose
+    # latency overlaps at most min(in flight, reads) ways), the yardstick for achieved throughput.
+    model_seconds: float = 0.0
 
     def reset(self) -> None:
         """Zero every counter."""
         self.reads = self.bytes = self.wanted_bytes = self.calls = 0
-        self.seconds = 0.0
+        self.seconds = self.model_seconds = 0.0
 
     def snapshot(self) -> ReadStats:
         """A copy, so callers can take deltas around a region."""
         return replace(self)
 
-    def add(self, reads: int, nbytes: int, wanted: int, seconds: float) -> None:
+    def add(self, reads: int, nbytes: int, wanted: int, seconds: float, model_seconds: float = 0.0) -> None:
         """Account one read call."""
         self.reads += reads
         self.bytes += nbytes
         self.wanted_bytes += wanted
         self.seconds += seconds
+        self.model_seconds += model_seconds
         self.calls += 1
 
 
@@ -326,7 +330,8 @@ class FlashReader:
             staging = self._staging_for(plan.staging_bytes)
             self._run_reads(file, staging, plan, self.threads)
             _gather(staging, plan, out)
-            self.stats.add(plan.n_reads, plan.total_bytes, plan.wanted_bytes, time.perf_counter() - start)
+            self.stats.add(plan.n_reads, plan.total_bytes, plan.wanted_bytes, time.perf_counter() - start,
+                           self.profile.read_seconds(plan.n_reads, plan.total_bytes))
         return out
 
     @staticmethod
@@ -390,7 +395,9 @@ class FlashReader:
                 out = dest[head : head + length]
             elif not direct_out:
                 out[:length] = dest[head : head + length]
-            self.stats.add(plan.n_reads, plan.total_bytes, length, time.perf_counter() - t0)
+            self.stats.add(plan.n_reads, plan.total_bytes, length, time.perf_counter() - t0,
+                           self.profile.with_threads(self.range_in_flight).read_seconds(
+                               plan.n_reads, plan.total_bytes))
         return out[:length]
 
     def _range_plan(self, start: int, span: int, length: int) -> ReadPlan:
