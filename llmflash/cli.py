@@ -229,9 +229,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if model_is_dense_silu(model):
-        print("note: SmolLM2 is a SiLU model with no exact zeros, so half of each token's neurons are "
-              "selected and its window barely fits a 50% budget; on a ReLU model (e.g. a relufied "
-              "one from `llmflash relufy`) flash reads a few percent of the FFN per token.")
+        print("note: SmolLM2 is a SiLU model with no exact zeros, so the oracle selects half of each "
+              "token's neurons; at a 50% budget most of them do not fit the cache and are streamed "
+              "from flash every token as scattered reads, which lose to naive's sequential reads "
+              "(the break-even on this disk is about half the neurons, see STORAGE.md). Flash pays "
+              "on sparse models: on a ReLU model (e.g. one from `llmflash relufy`) a token needs "
+              "about a tenth of the FFN; figures in docs/FLASH.md.")
     return 0
 
 
@@ -264,6 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          prompt_tokens=args.prompt_tokens, sparsity=args.sparsity or "predictor",
                          modes=modes,
                          dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
+                         threads=args.threads, reader=args.reader,
+                         sparsity_budget=args.sparsity_budget,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if args.json:

@@ -95,13 +95,14 @@ class MemoryLimit:
 
 
 def run_mode(model: Path, mode: str, prompt_ids: list[int], tokens: int, memory: str, window: int,
-             sparsity: str, limit: int | None, dtype: str, pin: float = 0.0) -> dict:
+             sparsity: str, limit: int | None, dtype: str, pin: float = 0.0,
+             extra_args: tuple[str, ...] = ()) -> dict:
     drop_page_cache(model)
     cmd = [sys.executable, "-m", "llmflash", "generate", str(model), "--ids",
            ",".join(map(str, prompt_ids)), "--max-new-tokens", str(tokens), "--mode", mode,
            "--memory", memory, "--window", str(window),
            "--sparsity", sparsity if mode == "flash" else "none", "--json",
-           "--dtype", dtype, "--ignore-eos", "--pin", str(pin)]
+           "--dtype", dtype, "--ignore-eos", "--pin", str(pin), *extra_args]
     cg = MemoryLimit(limit)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, timeout=3600)
@@ -163,6 +164,7 @@ def summarise(run: dict, profile) -> dict:
 def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           prompt_tokens: int = 64, sparsity: str = "predictor", modes: tuple[str, ...] = MODES_ORDER,
           dtype: str = "float32", limit_memory: bool = True, pin: float = 0.0,
+          threads: int = 32, reader: str = "auto", sparsity_budget: float | None = None,
           progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.engine.runtime import load_tokenizer
@@ -178,7 +180,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
     overhead = runtime_overhead_bytes()
     profile = load_default_profile()
     result = {"model": str(model), "memory": memory, "budget_bytes": budget, "window": window,
-              "pin": pin,
+              "pin": pin, "threads": threads, "reader": reader, "sparsity_budget": sparsity_budget,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
               "modes": {}}
@@ -190,8 +192,11 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             from llmflash.engine.flash import oracle_nbytes
 
             limit += oracle_nbytes(model_dir, torch.float32)  # the instrument, outside the budget
+        extra = ("--threads", str(threads), "--reader", reader)
+        if mode == "flash" and sparsity_budget is not None:
+            extra += ("--sparsity-budget", str(sparsity_budget))
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
-                       pin if mode == "flash" else 0.0)
+                       pin if mode == "flash" else 0.0, extra)
         result["modes"][mode] = summarise(run, profile)
         result["modes"][mode]["wall_s"] = time.perf_counter() - started
     m = result["modes"]
