@@ -133,9 +133,11 @@ def calibrate(path: Path | str, text: Path | str, tokens: int = 16384, window: i
                                  progress=progress, log=log)
         summary["predictors"] = pmeta
         val = pmeta["validation"]
-        log(f"predictors: ranks {pmeta['ranks']}, {pmeta['stored_bytes'] / 2**20:.2f} MiB "
-            f"({100 * pmeta['size_fraction']:.2f}% of the model); held-out calibration tokens: recall "
-            f"{sum(v['recall'] for v in val) / len(val):.3f}, selected "
+        sizes = f"ranks {pmeta['ranks']}" if pmeta["kind"] == "lowrank" else f"bits {pmeta['bits'][0]}"
+        log(f"predictors ({pmeta['kind']}): {sizes}, {pmeta['stored_bytes'] / 2**20:.2f} MiB "
+            f"({100 * pmeta['size_fraction']:.2f}% of the model's float16 size); held-out calibration tokens: recall "
+            f"{sum(v['recall'] for v in val) / len(val):.3f}, magnitude-weighted recall "
+            f"{sum(v['magnitude_recall'] for v in val) / len(val):.3f}, selected "
             f"{sum(v['selected_fraction'] for v in val) / len(val):.3f}, active "
             f"{sum(v['active_fraction'] for v in val) / len(val):.3f} (means over layers)")
     summary["seconds"] = round(time.perf_counter() - started, 1)

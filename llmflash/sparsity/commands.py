@@ -33,7 +33,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-act", choices=["none", "relu"], default="none",
                    help="nonlinearity between the two low-rank factors (default none)")
     g.add_argument("--size-budget", type=float, default=0.05,
-                   help="raise ranks only while predictors stay under this fraction of the model's float16 size (default 0.05)")
+                   help="predictors as stored stay under this fraction of the model's float16 size: "
+                        "lowrank raises ranks only while they fit, quant picks the most bits that fit (default 0.05)")
+    g.add_argument("--kind", choices=["auto", "lowrank", "quant"], default="auto",
+                   help="predictor kind: lowrank (d -> r -> N, sigmoid) or quant (GPTQ low-bit gate/up "
+                        "estimates, scored like the true magnitude); auto: quant for gated non-ReLU models "
+                        "unless a rank option is given, lowrank otherwise")
+    g.add_argument("--bits", type=int, default=None,
+                   help="quant: bits per gate weight (default: the most that fit --size-budget)")
+    g.add_argument("--up-bits", type=int, default=None, help="quant: bits per up weight (default --bits)")
     g.add_argument("--criterion", choices=["glu", "cats"], default="glu",
                    help="non-ReLU models: what 'active' means: |act(gate)*up| (glu) or |act(gate)| (cats)")
 
@@ -45,7 +53,8 @@ def _train_options(args: argparse.Namespace):
                         target_recall=args.target_recall, max_selected_ratio=args.max_selected_ratio,
                         budget=args.budget, min_recall=args.min_recall, epochs=args.epochs,
                         min_steps=args.min_steps, lr=args.lr, hidden_act=args.hidden_act,
-                        size_budget=args.size_budget, criterion=args.criterion)
+                        size_budget=args.size_budget, criterion=args.criterion, kind=args.kind,
+                        bits=args.bits, up_bits=args.up_bits)
 
 
 def _add_text_args(p: argparse.ArgumentParser, tokens: int) -> None:
@@ -85,8 +94,11 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(meta))
     else:
-        print(f"predictors: ranks {meta['ranks']}, {meta['stored_bytes'] / 2**20:.2f} MiB "
-              f"({meta['size_fraction']:.2%} of the model), trained in {meta['train_seconds']} s")
+        sizes = f"ranks {meta['ranks']}" if meta["kind"] == "lowrank" else f"bits {meta['bits'][0]}"
+        print(f"predictors ({meta['kind']}): {sizes}, {meta['stored_bytes'] / 2**20:.2f} MiB "
+              f"({meta['size_fraction']:.2%} of the model's float16 size, "
+              f"{meta['size_fraction_of_stored_model']:.2%} of its {meta['model_dtype']} files), "
+              f"trained in {meta['train_seconds']} s")
     return 0
 
 

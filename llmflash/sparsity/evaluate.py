@@ -39,6 +39,7 @@ class _Scorer:
         self.thresholds = thresholds
         self.criterion = criterion
         self.counts = np.zeros((L, 4), dtype=np.int64)  # tp, selected, active, total
+        self.mags = np.zeros((L, 2))  # magnitude of truly active neurons: selected, all
         self.win = {"predictor": np.zeros((MAX_K, 3)), "active": np.zeros((MAX_K, 3))}  # held, new, rows
 
     def __call__(self, layer: int, x: torch.Tensor) -> None:
@@ -49,6 +50,8 @@ class _Scorer:
             sel = self.predictors.mask(layer, x)
             sets["predictor"] = sel
             self.counts[layer] += [int((sel & active).sum()), int(sel.sum()), int(active.sum()), sel.numel()]
+            mag = self.w[layer].scores(x.float(), self.criterion) * active
+            self.mags[layer] += [float((mag * sel).sum()), float(mag.sum())]
         else:
             self.counts[layer] += [0, 0, int(active.sum()), active.numel()]
         for name, m in sets.items():
@@ -138,10 +141,12 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
     for l, (tp, sel, act, total) in enumerate(scorer.counts):
         entry = {"layer": l, "active_fraction": act / total if total else None}
         if predictors is not None and total:
+            kept, mag = scorer.mags[l]
             entry.update(recall=tp / act if act else 1.0, precision=tp / sel if sel else 1.0,
-                         selected_fraction=sel / total, rank=predictors.ranks()[l])
+                         magnitude_recall=kept / mag if mag else 1.0,
+                         selected_fraction=sel / total, rank=predictors.ranks()[l], size=predictors.describe(l))
         else:
-            entry.update(recall=None, precision=None, selected_fraction=None)
+            entry.update(recall=None, precision=None, magnitude_recall=None, selected_fraction=None)
         if "oracle" in run_selected:
             entry["oracle_selected_fraction_in_run"] = run_selected["oracle"][l]
         if "predictor" in run_selected:
@@ -171,12 +176,14 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
         "perplexity": perplexity,
         "perplexity_increase": {k: (v / dense - 1.0 if v is not None and dense else None)
                                 for k, v in perplexity.items() if k != "dense"},
-        "mean": {k: mean(k) for k in ("recall", "precision", "selected_fraction", "active_fraction")},
+        "mean": {k: mean(k) for k in ("recall", "precision", "magnitude_recall", "selected_fraction",
+                                      "active_fraction")},
         "layers": layers,
         "window_stats": {"predictor": win_table(scorer.win["predictor"]) if predictors is not None else [],
                          "active": win_table(scorer.win["active"])},
         "predictors": None if predictors is None else {
-            "ranks": predictors.ranks(), "stored_bytes": predictors.stored_nbytes(),
+            "kind": predictors.kind, "ranks": predictors.ranks(), "bits": pmeta.get("bits"),
+            "stored_bytes": predictors.stored_nbytes(),
             "resident_bytes": predictors.nbytes(), "model_bytes": model_bytes,
             "size_fraction": predictors.stored_nbytes() / model_bytes,
             "mode": pmeta.get("mode") if budget is None else f"budget {budget}",
@@ -199,12 +206,12 @@ def format_table(r: dict) -> str:
         p = r["predictors"]
         lines.append(f"predictors: {p['stored_bytes'] / 2**20:.2f} MiB stored = {p['size_fraction']:.2%} of the model "
                      f"({p['model_bytes'] / 2**20:.1f} MiB), mode {p['mode']}")
-    lines.append(f"{'layer':>5} {'rank':>5} {'recall':>7} {'precis.':>7} {'selected':>8} {'active':>7}")
+    lines.append(f"{'layer':>5} {'size':>6} {'recall':>7} {'mag.rec':>7} {'precis.':>7} {'selected':>8} {'active':>7}")
     for e in r["layers"]:
-        lines.append(f"{e['layer']:>5} {e.get('rank', '-')!s:>5} {f(e['recall']):>7} {f(e['precision']):>7} "
-                     f"{f(e['selected_fraction']):>8} {f(e['active_fraction']):>7}")
+        lines.append(f"{e['layer']:>5} {e.get('size', '-')!s:>6} {f(e['recall']):>7} {f(e['magnitude_recall']):>7} "
+                     f"{f(e['precision']):>7} {f(e['selected_fraction']):>8} {f(e['active_fraction']):>7}")
     m = r["mean"]
-    lines.append(f"{'mean':>5} {'':>5} {f(m['recall']):>7} {f(m['precision']):>7} "
+    lines.append(f"{'mean':>5} {'':>6} {f(m['recall']):>7} {f(m['magnitude_recall']):>7} {f(m['precision']):>7} "
                  f"{f(m['selected_fraction']):>8} {f(m['active_fraction']):>7}")
     for name, rows in r["window_stats"].items():
         if rows:
@@ -226,7 +233,7 @@ def plot(r: dict, path: Path | str) -> None:
         raise LLMFlashError("--plot needs matplotlib: pip install matplotlib") from None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = [e["layer"] for e in r["layers"]]
-    for key in ("recall", "precision", "selected_fraction", "active_fraction"):
+    for key in ("recall", "magnitude_recall", "precision", "selected_fraction", "active_fraction"):
         ys = [e[key] for e in r["layers"]]
         if any(y is not None for y in ys):
             a1.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", ms=3, label=key)

@@ -1,4 +1,17 @@
-"""Low-rank activation predictors (PAPER.md §3): per layer d_model -> r -> d_ffn, sigmoid.
+"""Activation predictors (PAPER.md §3): which FFN neurons of a layer matter for an input.
+
+Two kinds, stored in the same file (`kind` in its meta):
+
+* "lowrank" (the paper's): per layer d_model -> r -> d_ffn, sigmoid, described below;
+* "quant": low-bit (GPTQ, 2-4 bits) copies of the layer's gate and up rows (quant.py); the score of a
+  neuron is |act(g^) * u^| from the estimates g^ = Q_g x, u^ = Q_u x, the same nonlinear form as the
+  magnitude that defines "active" for SwiGLU models, which a linear map + sigmoid cannot express
+  (|u| is sign-symmetric in x). For ReLU models the score is the estimated pre-activation.
+  Nothing is trained by gradient descent: GPTQ quantizes against the second moment of the layer's
+  calibration FFN inputs, and the decision threshold is tuned as for the low-rank kind. Default for
+  gated non-ReLU models (unless a rank is given).
+
+Low-rank kind:
 
 A layer's predictor sees that layer's FFN input x (the post-attention norm output) and scores every
 neuron: z = B (A x + a) + b, p = sigmoid(z). It is trained on the dense model's own activations:
@@ -31,29 +44,75 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmflash.engine.ffn import activate
 from llmflash.errors import LLMFlashError
-from llmflash.sparsity.common import LayerWeights, is_relu, layer_weights
+from llmflash.sparsity import quant
+from llmflash.sparsity.common import RELU_ACTS, LayerWeights, is_relu, layer_weights
 from llmflash.sparsity.store import PREDICTORS_FILE, STATS_FILE, SparsityStore
 from llmflash.storage.layout import FlashModelDir
 
 STORE_DTYPE = torch.float16
 BUDGET_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+LAYOUT = 2  # predictors.safetensors layout: 1 = low-rank only (no "layout" in meta), 2 = kind in meta
+KINDS = ("lowrank", "quant")
+# quant kind, automatic bit widths (gate, up): the most bits that fit the size budget
+AUTO_BITS = ((4, 4), (4, 3), (3, 3), (3, 2), (2, 2), (2, 1), (1, 1))
+LOG_FLOOR = 1e-30
+
+
+class _QuantLayer:
+    """One layer of a quant predictor: packed low-bit gate (or fc1) and up rows, row steps, biases."""
+
+    def __init__(self, t: dict[str, torch.Tensor], bits: tuple[int, int], d: int, dtype: torch.dtype):
+        self.bits = bits
+        self.d = d
+        self.dtype = dtype
+        nf = (len(quant.fields(bits[0])), len(quant.fields(bits[1])) if bits[1] else 0)
+        self.qg = [t[f"qg.{i}"] for i in range(nf[0])]
+        self.sg = t["sg"].to(dtype)
+        self.bg = t["bg"].to(dtype) if "bg" in t else None
+        self.qu = [t[f"qu.{i}"] for i in range(nf[1])] if bits[1] else None
+        self.su = t["su"].to(dtype) if bits[1] else None
+        self.bu = t["bu"].to(dtype) if bits[1] and "bu" in t else None
+
+    def estimates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g = F.linear(x, quant.dequantize(self.qg, self.sg, self.bits[0], self.d, self.dtype), self.bg)
+        if self.qu is None:
+            return g, None
+        return g, F.linear(x, quant.dequantize(self.qu, self.su, self.bits[1], self.d, self.dtype), self.bu)
+
+    def tensors(self):
+        return [*self.qg, self.sg, *(t for t in (self.bg, self.su, self.bu) if t is not None), *(self.qu or [])]
+
+    def stored_nbytes(self) -> int:
+        packed = sum(t.numel() for t in self.qg + (self.qu or []))
+        return packed + 2 * sum(t.numel() for t in (self.sg, self.bg, self.su, self.bu) if t is not None)
 
 
 class PredictorSet:
-    """All layers' predictors, resident in DRAM, with their tuned decision thresholds."""
+    """All layers' predictors, resident in DRAM, with their tuned decision thresholds.
+
+    `logits(layer, x)` is the score that `mask` / `select` compare with the layer's threshold
+    (selected where score >= threshold): the low-rank logit z, or for the quant kind the log of
+    the estimated magnitude (non-ReLU) / the estimated pre-activation minus the activation
+    threshold (ReLU)."""
 
     def __init__(self, A: list[torch.Tensor], a: list[torch.Tensor], B: list[torch.Tensor],
                  b: list[torch.Tensor], z_threshold: list[float], meta: dict,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, quant_layers: list[_QuantLayer] | None = None):
         self.A = [t.to(dtype) for t in A]
         self.a = [t.to(dtype) for t in a]
         self.B = [t.to(dtype) for t in B]
         self.b = [t.to(dtype) for t in b]
+        self.q = quant_layers
+        self.kind = "quant" if quant_layers is not None else "lowrank"
         self.z_threshold = list(z_threshold)
         self.meta = meta
         self.dtype = dtype
         self.hidden_act = meta.get("hidden_act", "none")
+        self.activation = meta.get("activation", "silu")
+        self.act_threshold = float(meta.get("act_threshold", 0.0))
+        self.criterion = meta.get("criterion") or "glu"
 
     # -- loading ---------------------------------------------------------------------------------
     def use_budget(self, budget: float) -> None:
@@ -70,33 +129,69 @@ class PredictorSet:
     def load(cls, model_dir: FlashModelDir, dtype: torch.dtype = torch.float32) -> "PredictorSet":
         store = SparsityStore(model_dir)
         tensors, meta = store.read_tensors(PREDICTORS_FILE)
+        file = store.path / PREDICTORS_FILE
+        layout = meta.get("layout", 1)
+        kind = meta.get("kind", "lowrank")
+        if not isinstance(layout, int) or layout > LAYOUT or kind not in KINDS:
+            raise LLMFlashError(f"{file} has predictor layout {layout!r} / kind {kind!r}, which this llmflash "
+                                f"does not read (layout <= {LAYOUT}, kinds {', '.join(KINDS)}); "
+                                "run `llmflash train-predictors` again")
         L = model_dir.config.num_layers
+        d = model_dir.config.hidden_size
         try:
-            parts = [[tensors[f"layers.{l}.{n}"] for l in range(L)] for n in ("A", "a", "B", "b")]
             thresholds = [float(t) for t in meta["z_threshold"]]
+            if kind == "quant":
+                bits = [tuple(v) for v in meta["bits"]]
+                layers = []
+                for l in range(L):
+                    pre = f"layers.{l}."
+                    t = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+                    layers.append(_QuantLayer(t, bits[l], d, dtype))
+                    if layers[-1].sg.shape[0] != model_dir.layers[l].neurons:
+                        raise LLMFlashError(f"{file} layer {l} has the wrong shape for {model_dir.path}")
+                meta.setdefault("activation", model_dir.config.hidden_act)
+                meta.setdefault("act_threshold", model_dir.config.act_threshold)
+                return cls([], [], [], [], thresholds, meta, dtype, quant_layers=layers)
+            parts = [[tensors[f"layers.{l}.{n}"] for l in range(L)] for n in ("A", "a", "B", "b")]
         except KeyError as exc:
-            raise LLMFlashError(f"{store.path / PREDICTORS_FILE} lacks {exc}; run `llmflash calibrate`") from None
+            raise LLMFlashError(f"{file} lacks {exc}; run `llmflash calibrate`") from None
         for l in range(L):
-            if parts[2][l].shape[0] != model_dir.layers[l].neurons or parts[0][l].shape[1] != model_dir.config.hidden_size:
-                raise LLMFlashError(f"{store.path / PREDICTORS_FILE} layer {l} has the wrong shape for {model_dir.path}")
+            if parts[2][l].shape[0] != model_dir.layers[l].neurons or parts[0][l].shape[1] != d:
+                raise LLMFlashError(f"{file} layer {l} has the wrong shape for {model_dir.path}")
         return cls(*parts, thresholds, meta, dtype)
 
     @property
     def num_layers(self) -> int:
-        return len(self.A)
+        return len(self.q) if self.q is not None else len(self.A)
 
-    def ranks(self) -> list[int]:
+    def ranks(self) -> list[int | None]:
+        """Per-layer rank (low-rank kind; None for the quant kind)."""
+        if self.q is not None:
+            return [None] * len(self.q)
         return [int(t.shape[0]) for t in self.A]
+
+    def describe(self, layer: int) -> str:
+        """Short per-layer size label: "r64" or "q4/3" (gate / up bits)."""
+        if self.q is not None:
+            g, u = self.q[layer].bits
+            return f"q{g}/{u}" if u else f"q{g}"
+        return f"r{self.A[layer].shape[0]}"
 
     # -- inference -------------------------------------------------------------------------------
     def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x.to(self.dtype), self.A[layer], self.a[layer])
+        x = x.to(self.dtype)
+        if self.q is not None:
+            return quant_score(self.q[layer].estimates(x), self.activation, self.act_threshold, self.criterion)
+        h = F.linear(x, self.A[layer], self.a[layer])
         if self.hidden_act == "relu":
             h = F.relu(h)
         return F.linear(h, self.B[layer], self.b[layer])
 
     def probabilities(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Predicted probability that each neuron is active: [T, n_neurons] (neuron order)."""
+        """Predicted probability that each neuron is active: [T, n_neurons] (neuron order).
+        Quant kind: sigmoid of the score relative to the layer's threshold (0.5 at the threshold)."""
+        if self.q is not None:
+            return torch.sigmoid(self.logits(layer, x) - self.z_threshold[layer])
         return torch.sigmoid(self.logits(layer, x))
 
     def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -112,12 +207,30 @@ class PredictorSet:
         return ids.numpy().astype(np.int64, copy=False)
 
     def nbytes(self) -> int:
-        """Bytes held resident (in the compute dtype the set was loaded with)."""
+        """Bytes held resident (low-rank: in the compute dtype the set was loaded with; quant: the
+        packed codes, plus steps and biases in the compute dtype; weights are unpacked per call)."""
+        if self.q is not None:
+            return sum(t.numel() * t.element_size() for ql in self.q for t in ql.tensors())
         return sum(t.numel() * t.element_size() for ts in (self.A, self.a, self.B, self.b) for t in ts)
 
     def stored_nbytes(self) -> int:
-        """Bytes of the weights as stored (float16)."""
+        """Bytes of the weights as stored (float16, packed codes for the quant kind)."""
+        if self.q is not None:
+            return sum(ql.stored_nbytes() for ql in self.q)
         return sum(t.numel() for ts in (self.A, self.a, self.B, self.b) for t in ts) * 2
+
+
+def quant_score(est: tuple[torch.Tensor, torch.Tensor | None], act: str, act_threshold: float,
+                criterion: str) -> torch.Tensor:
+    """Score of the quant kind from the estimates (g^, u^ or None): ReLU / FATReLU: g^ - threshold
+    (active where > 0); otherwise log |act(g^) * u^| (glu) or log |act(g^)| (cats, or no up)."""
+    g, u = est
+    if act in RELU_ACTS:
+        return g - (act_threshold if act == "fatrelu" else 0.0)
+    a = activate(g, act, act_threshold)
+    if u is not None and criterion == "glu":
+        a = a * u
+    return torch.log(a.abs().clamp_min(LOG_FLOOR))
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -139,9 +252,12 @@ class TrainOptions:
     max_weight: float = 8.0
     hidden_act: str = "none"  # between A and B: "none" (pure low rank) or "relu"
     val_fraction: float = 0.15
-    size_budget: float = 0.05  # predictors (float16) at most this fraction of the model's bytes
+    size_budget: float = 0.05  # predictors as stored at most this fraction of the model's float16 bytes
     criterion: str = "glu"
     seed: int = 0
+    kind: str = "auto"  # "lowrank", "quant", or auto: quant for gated non-ReLU models unless a rank is given
+    bits: int | None = None  # quant: gate (fc1) bits; None = the most that fit size_budget (AUTO_BITS)
+    up_bits: int | None = None  # quant: up bits (default: bits)
 
 
 def _default_ranks(d: int, n: int, opts: TrainOptions) -> tuple[int, int]:
@@ -291,6 +407,96 @@ def _options_key(opts: TrainOptions, stats_sha: str, inputs_key: str) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def resolve_kind(model_dir: FlashModelDir, opts: TrainOptions) -> str:
+    """"auto": quant for gated non-ReLU models unless a rank option is given; low-rank otherwise."""
+    if opts.kind not in ("auto",) + KINDS:
+        raise LLMFlashError(f"unknown predictor kind {opts.kind!r}; choose auto, {', '.join(KINDS)}")
+    if opts.kind != "auto":
+        return opts.kind
+    ranked = opts.rank is not None or opts.start_rank is not None or opts.max_rank is not None
+    gated = model_dir.bundle.part("gate") is not None
+    return "quant" if gated and not is_relu(model_dir) and not ranked else "lowrank"
+
+
+def _uses_up(model_dir: FlashModelDir, criterion: str) -> bool:
+    """The quant kind estimates the up projection too (gated non-ReLU model, glu criterion)."""
+    return model_dir.bundle.part("gate") is not None and not is_relu(model_dir) and criterion == "glu"
+
+
+def _quant_layer_bytes(n: int, d: int, bits: tuple[int, int], biases: tuple[bool, bool]) -> int:
+    total = quant.packed_bytes(n, d, bits[0]) + 2 * n * (1 + biases[0])
+    if bits[1]:
+        total += quant.packed_bytes(n, d, bits[1]) + 2 * n * (1 + biases[1])
+    return total
+
+
+def resolve_bits(model_dir: FlashModelDir, opts: TrainOptions) -> tuple[int, int]:
+    """(gate bits, up bits; 0 = no up estimate): the options', or the most that fit the size budget."""
+    up = _uses_up(model_dir, opts.criterion)
+    s = model_dir.bundle
+    biases = (s.part("gate_bias" if s.part("gate") is not None else "up_bias") is not None,
+              s.part("up_bias") is not None)
+    for b in (opts.bits, opts.up_bits):
+        if b is not None and not 1 <= b <= 8:
+            raise LLMFlashError(f"--bits / --up-bits must be 1..8, got {b}")
+    if opts.bits is not None:
+        return opts.bits, ((opts.up_bits or opts.bits) if up else 0)
+    limit = opts.size_budget * model_bytes_f16(model_dir)
+    d = model_dir.config.hidden_size
+    candidates = AUTO_BITS if up else tuple((g, 0) for g in sorted({g for g, _ in AUTO_BITS}, reverse=True))
+    for bits in candidates:
+        total = sum(_quant_layer_bytes(model_dir.layers[l].neurons, d, bits, biases)
+                    for l in range(model_dir.config.num_layers))
+        if total <= limit:
+            return bits
+    return candidates[-1]
+
+
+def _second_moment(X: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64)
+    for i in range(0, len(X), chunk):
+        x = X[i:i + chunk].double()
+        H += x.T @ x
+    return (H / max(1, len(X))).float()
+
+
+def _fit_quant(w: LayerWeights, Xt: torch.Tensor, bits: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """GPTQ copies of the layer's gate (fc1 for OPT) and, with bits[1], up rows: stored tensors."""
+    s = w.slices
+    H = _second_moment(Xt)
+    part, bias = (s.gate, s.gate_bias) if s.gate is not None else (s.up, s.up_bias)
+    out: dict[str, torch.Tensor] = {}
+    todo = [("g", part, bias, bits[0])]
+    if bits[1]:
+        todo.append(("u", s.up, s.up_bias, bits[1]))
+    for name, rows, b, nb in todo:
+        codes, step = quant.gptq(w.rows[:, rows].float(), H, nb)
+        for i, t in enumerate(quant.pack(codes, nb)):
+            out[f"q{name}.{i}"] = t
+        out[f"s{name}"] = step.to(STORE_DTYPE)
+        if b is not None:
+            out[f"b{name}"] = w.rows[:, b].reshape(-1).to(STORE_DTYPE)
+    return out
+
+
+def _quant_z(ql: "_QuantLayer", X: torch.Tensor, act: str, act_threshold: float, criterion: str,
+             chunk: int = 4096) -> torch.Tensor:
+    return torch.cat([quant_score(ql.estimates(X[i:i + chunk].float()), act, act_threshold, criterion)
+                      for i in range(0, len(X), chunk)])
+
+
+def magnitude_recall(w: LayerWeights, X: torch.Tensor, selected: torch.Tensor, active: torch.Tensor,
+                     criterion: str = "glu", chunk: int = 4096) -> float:
+    """Share of the truly active neurons' summed magnitude (|act(g) * u|, or |act(g)| for cats / no
+    up) that the selection keeps: sum over selected & active / sum over active."""
+    kept = total = 0.0
+    for i in range(0, len(X), chunk):
+        sc = w.scores(X[i:i + chunk].float(), criterion) * active[i:i + chunk]
+        kept += float((sc * selected[i:i + chunk]).sum())
+        total += float(sc.sum())
+    return kept / total if total else 1.0
+
+
 def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts: TrainOptions,
                      inputs_key: str = "", progress: bool = True, log=print) -> dict:
     """Train every layer's predictor on captured FFN inputs and store them in the model directory.
@@ -303,6 +509,8 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
 
     store = SparsityStore(model_dir)
     relu = is_relu(model_dir)
+    kind = resolve_kind(model_dir, opts)
+    bits = resolve_bits(model_dir, opts) if kind == "quant" else None
     thresholds: list[float | None] = [None] * model_dir.config.num_layers
     stats_sha = ""
     sparsity = None
@@ -312,6 +520,7 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
         thresholds = stats_meta["thresholds"][opts.criterion]
         sparsity = stats_meta["sparsity"]
     budget = None if relu else (opts.budget if opts.budget is not None else 1.0 - sparsity)
+    criterion = "glu" if relu else opts.criterion
 
     c = model_dir.config
     weights_bytes = model_bytes_f16(model_dir)
@@ -325,7 +534,7 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
 
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: list[dict] = []
-    bar = tqdm(range(c.num_layers), desc="train predictors", unit="layer", disable=not progress)
+    bar = tqdm(range(c.num_layers), desc=f"train predictors ({kind})", unit="layer", disable=not progress)
     started = time.perf_counter()
     for l in bar:
         done = partial / f"layer{l}.safetensors"
@@ -333,7 +542,7 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
             saved = load_file(str(done))
             tensors.update({f"layers.{l}.{k}": v for k, v in saved.items()})
             layers_meta.append(json.loads((partial / f"layer{l}.json").read_text()))
-            used_bytes += _layer_bytes(layers_meta[-1]["rank"], c.hidden_size, model_dir.layers[l].neurons)
+            used_bytes += layers_meta[-1]["stored_bytes"]
             continue
         w = layer_weights(model_dir, l)
         X = inputs[l]
@@ -343,37 +552,22 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
         n_val = max(1, int(len(X) * opts.val_fraction))
         val, tr = order[:n_val], order[n_val:]
         Xt, Yt, Xv, Yv = X[tr], Y[tr], X[val], Y[val]
-        mag = None
-        if opts.weighting == "magnitude" and thresholds[l]:
-            mag = torch.cat([(w.scores(Xt[i:i + 4096].float(), opts.criterion) / thresholds[l])
-                             .clamp(1.0, opts.max_weight).half() for i in range(0, len(Xt), 4096)])
         d, n = X.shape[1], Y.shape[1]
-        r0, r_max = _default_ranks(d, n, opts)
-        if opts.rank is not None:
-            r0 = r_max = min(opts.rank, d, n)
-        later = (c.num_layers - l - 1) * _layer_bytes(r0, d, n)
-        r, best = r0, None
-        while True:
-            A, a, B, b = _fit(Xt, Yt, r, opts, w, thresholds[l], mag)
-            z = _z(Xv, A, a, B, b, opts.hidden_act)
-            thr = tune_threshold(z, Yv, opts.target_recall if budget is None else None, budget)
-            m = selection_metrics(z >= thr, Yv)
-            m.update(rank=r, z_threshold=thr)
-            best = (A, a, B, b, m)
-            if budget is None:
-                ok = m["selected_fraction"] <= opts.max_selected_ratio * max(m["active_fraction"], 1e-9)
-            else:
-                ok = m["recall"] >= opts.min_recall
-            fits = used_bytes + _layer_bytes(2 * r, d, n) + later <= opts.size_budget * weights_bytes
-            if ok or 2 * r > r_max or not fits:
-                break
-            r *= 2
-        A, a, B, b, m = best
-        layer_t = {"A": A.to(STORE_DTYPE), "a": a.to(STORE_DTYPE), "B": B.to(STORE_DTYPE), "b": b.to(STORE_DTYPE)}
-        # Retune the threshold with the stored (float16) weights, which the runtime will use.
-        z = _z(Xv, *(t.float() for t in layer_t.values()), opts.hidden_act)
+        if kind == "quant":
+            layer_t = _fit_quant(w, Xt, bits)
+            ql = _QuantLayer(layer_t, bits, d, torch.float32)
+            z = _quant_z(ql, Xv, c.hidden_act, c.act_threshold, criterion)
+            m = {"rank": None, "bits": list(bits), "stored_bytes": ql.stored_nbytes()}
+        else:
+            layer_t, m = _train_lowrank_layer(w, Xt, Yt, Xv, Yv, opts, thresholds[l], budget,
+                                              used_bytes, c.num_layers - l - 1, weights_bytes)
+            # the threshold is tuned with the stored (float16) weights, which the runtime will use
+            z = _z(Xv, *(t.float() for t in layer_t.values()), opts.hidden_act)
+            m["stored_bytes"] = _layer_bytes(m["rank"], d, n)
         thr = tune_threshold(z, Yv, opts.target_recall if budget is None else None, budget)
-        m.update(selection_metrics(z >= thr, Yv), z_threshold=thr)
+        sel = z >= thr
+        m.update(selection_metrics(sel, Yv), z_threshold=thr,
+                 magnitude_recall=magnitude_recall(w, Xv, sel, Yv, criterion))
         # thresholds for other selection budgets, so a run can trade accuracy for compute later
         m["z_by_budget"] = {f"{q:.2f}": _kth(z.reshape(-1), 1.0 - q) for q in BUDGET_GRID}
         save_file(layer_t, str(done.with_suffix(".tmp")))
@@ -381,11 +575,19 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
         (partial / f"layer{l}.json").write_text(json.dumps(m))
         tensors.update({f"layers.{l}.{k}": v for k, v in layer_t.items()})
         layers_meta.append(m)
-        used_bytes += _layer_bytes(m["rank"], d, n)
-        bar.set_postfix(rank=m["rank"], recall=f"{m['recall']:.3f}", sel=f"{m['selected_fraction']:.3f}")
+        used_bytes += m["stored_bytes"]
+        bar.set_postfix(size=(f"r{m['rank']}" if kind == "lowrank" else f"q{bits[0]}/{bits[1]}"),
+                        recall=f"{m['recall']:.3f}", mrec=f"{m['magnitude_recall']:.3f}",
+                        sel=f"{m['selected_fraction']:.3f}")
     bar.close()
-    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    stored = sum(m["stored_bytes"] for m in layers_meta)
+    stored_model = sum(model_dir.weights_nbytes().values())
     meta = {
+        "layout": LAYOUT,
+        "kind": kind,
+        "bits": [m.get("bits") for m in layers_meta] if kind == "quant" else None,
+        "activation": c.hidden_act,
+        "act_threshold": c.act_threshold,
         "hidden_act": opts.hidden_act,
         "labels": ("activation != 0" if relu else f"{opts.criterion} magnitude > calibrated threshold"),
         "criterion": None if relu else opts.criterion,
@@ -399,9 +601,45 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
         "stored_bytes": stored,
         "model_bytes": weights_bytes,
         "size_fraction": stored / weights_bytes,
+        "model_bytes_stored": stored_model,
+        "model_dtype": model_dir.dtype,
+        "size_fraction_of_stored_model": stored / stored_model,
         "train_seconds": round(time.perf_counter() - started, 1),
         "tokens": int(len(inputs[0])),
     }
     store.write_tensors(PREDICTORS_FILE, tensors, meta)
     shutil.rmtree(partial, ignore_errors=True)
     return meta
+
+
+def _train_lowrank_layer(w: LayerWeights, Xt, Yt, Xv, Yv, opts: TrainOptions, label_threshold, budget,
+                         used_bytes: int, layers_after: int, weights_bytes: int):
+    """One layer of the low-rank kind, its rank raised (doubled) while it falls short."""
+    mag = None
+    if opts.weighting == "magnitude" and label_threshold:
+        mag = torch.cat([(w.scores(Xt[i:i + 4096].float(), opts.criterion) / label_threshold)
+                         .clamp(1.0, opts.max_weight).half() for i in range(0, len(Xt), 4096)])
+    d, n = Xt.shape[1], Yt.shape[1]
+    r0, r_max = _default_ranks(d, n, opts)
+    if opts.rank is not None:
+        r0 = r_max = min(opts.rank, d, n)
+    later = layers_after * _layer_bytes(r0, d, n)
+    r, best = r0, None
+    while True:
+        A, a, B, b = _fit(Xt, Yt, r, opts, w, label_threshold, mag)
+        z = _z(Xv, A, a, B, b, opts.hidden_act)
+        thr = tune_threshold(z, Yv, opts.target_recall if budget is None else None, budget)
+        m = selection_metrics(z >= thr, Yv)
+        m.update(rank=r, z_threshold=thr)
+        best = (A, a, B, b, m)
+        if budget is None:
+            ok = m["selected_fraction"] <= opts.max_selected_ratio * max(m["active_fraction"], 1e-9)
+        else:
+            ok = m["recall"] >= opts.min_recall
+        fits = used_bytes + _layer_bytes(2 * r, d, n) + later <= opts.size_budget * weights_bytes
+        if ok or 2 * r > r_max or not fits:
+            break
+        r *= 2
+    A, a, B, b, m = best
+    layer_t = {"A": A.to(STORE_DTYPE), "a": a.to(STORE_DTYPE), "B": B.to(STORE_DTYPE), "b": b.to(STORE_DTYPE)}
+    return layer_t, {"rank": m["rank"]}
