@@ -14,7 +14,7 @@ what is minimised.
 
 Packing: `bits` is split into fields of 4, 2 and 1 bits (3 = 2 + 1); each field is packed
 8 / width codes per byte along the input dimension, so a row of d codes takes ceil(d * bits / 8)
-bytes (d a multiple of 8). Unpacking is a few shifts and masks per call.
+bytes (d a multiple of 8). Dequantizing is one table lookup per packed byte and field per call.
 """
 
 from __future__ import annotations
@@ -136,10 +136,29 @@ def unpack(packed: list[torch.Tensor], bits: int, d: int) -> torch.Tensor:
     return c
 
 
+_LUTS: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+
+
+def _luts(bits: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per field: byte value -> the 8 / width codes it holds, shifted into place, as dtype [256, per]."""
+    key = (bits, dtype)
+    if key not in _LUTS:
+        out, shift, b = [], bits, torch.arange(256)
+        for w in fields(bits):
+            shift -= w
+            per = 8 // w
+            out.append((((b[:, None] >> (torch.arange(per) * w)) & ((1 << w) - 1)) << shift).to(dtype))
+        _LUTS[key] = out
+    return _LUTS[key]
+
+
 def dequantize(packed: list[torch.Tensor], step: torch.Tensor, bits: int, d: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The low-bit weights [N, d] in dtype."""
-    w = unpack(packed, bits, d).to(dtype)
+    """The low-bit weights [N, d] in dtype (a table lookup per packed byte and field)."""
+    w = None
+    for lut, p in zip(_luts(bits, dtype), packed):
+        v = torch.nn.functional.embedding(p.to(torch.int32), lut).reshape(p.shape[0], -1)[:, :d]
+        w = v if w is None else w.add_(v)
     return w.sub_((2 ** bits - 1) / 2).mul_(step.to(dtype)[:, None])
 
 
