@@ -582,6 +582,9 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
     bar.close()
     stored = sum(m["stored_bytes"] for m in layers_meta)
     stored_model = sum(model_dir.weights_nbytes().values())
+    if stored > opts.size_budget * weights_bytes:
+        log(f"note: predictors take {stored / weights_bytes:.2%} of the model's float16 size, more than "
+            f"--size-budget {opts.size_budget:g} ({'the fewest bits' if kind == 'quant' else 'the smallest rank'})")
     meta = {
         "layout": LAYOUT,
         "kind": kind,
