@@ -87,3 +87,28 @@ def test_cache_sizes_follow_window_statistics(models):
     assert sized.sized_from.startswith("window statistics") and uniform.sized_from == "uniform"
     assert sized.planned_bytes <= sized.budget_bytes
     assert sum(sized.capacities) <= uniform.capacity_per_layer * uniform.layers + uniform.layers
+
+
+def test_predictors_stay_valid_after_reorder(tmp_path):
+    """Neuron ids do not change, so predictors trained before `reorder` load and select the same
+    neurons after it; flash mode with them still runs from the new bundle file."""
+    from llmflash.sparsity.calibrate import calibrate
+    from llmflash.sparsity.predictor import PredictorSet, TrainOptions
+
+    tiny_models.build("llama-relu", tmp_path / "hf")
+    path = convert(tmp_path / "hf", tmp_path / "flash", dtype="float32", progress=False).path
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(tiny_models.TRAIN_TEXT) * 3)
+    calibrate(path, text, tokens=600, window=100, train=True,
+              train_options=TrainOptions(rank=16, epochs=1, min_steps=50), progress=False,
+              log=lambda *a: None)
+    x = torch.randn(2, FlashModelDir(path).config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = [PredictorSet.load(FlashModelDir(path)).select(l, x) for l in range(2)]
+    reorder(path, text, tokens=400)
+    d = FlashModelDir(path)
+    assert d.ffn_path.name != "ffn.bin"
+    after = PredictorSet.load(d)
+    for l, ids in enumerate(before):
+        np.testing.assert_array_equal(after.select(l, x), ids)
+    flash = Engine(path, ffn=ffn_factory(RunOptions(mode="flash", sparsity="predictor", memory="100%")))
+    assert len(flash.generate(PROMPT, 4, stop_at_eos=False).token_ids) == 4

@@ -51,7 +51,8 @@ class SparsityStore:
         self.model_dir = model_dir
         self.path = model_dir.path / SUBDIR
         self.index_path = self.path / INDEX
-        self.model_ffn_sha = model_dir.files.get(FFN_FILE, {}).get("sha256")
+        # the bundle file in use: ffn.bin, or ffn-<sha>.bin after `llmflash reorder`
+        self.model_ffn_sha = model_dir.files.get(model_dir.ffn_path.name, {}).get("sha256")
 
     # -- index -----------------------------------------------------------------------------------
     def index(self) -> dict:
@@ -69,6 +70,26 @@ class SparsityStore:
                 f"{self.index_path} was made for other FFN weights than {self.model_dir.path / FFN_FILE} "
                 "(the model was converted again?); run `llmflash calibrate` again")
         return idx
+
+    def rekey(self, old_ffn_sha: str, new_ffn_sha: str) -> bool:
+        """Point the index at a rewritten FFN file whose neuron ids did not change (`reorder`).
+
+        Statistics and predictors are indexed by neuron id, so they stay valid when only the order
+        of bundles on flash changes. Only an index made for `old_ffn_sha` is touched; returns
+        whether there was one. Called after the manifest switch: a crash in between leaves an
+        index that is refused with "calibrate again", never one that silently mismatches.
+        """
+        if not self.index_path.exists():
+            return False
+        try:
+            idx = json.loads(self.index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        if idx.get("ffn_sha256") != old_ffn_sha:
+            return False
+        idx["ffn_sha256"] = new_ffn_sha
+        self._write_index(idx)
+        return True
 
     def _write_index(self, idx: dict) -> None:
         self.path.mkdir(exist_ok=True)

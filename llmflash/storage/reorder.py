@@ -148,6 +148,12 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
         os.rename(tmp_manifest, path / MANIFEST)
         if new_name != old_name:
             (path / old_name).unlink()
+        old_sha = model_dir.files.get(old_name, {}).get("sha256")
+        if old_sha is not None:
+            # neuron ids are unchanged, so calibration statistics and predictors stay valid
+            from llmflash.sparsity.store import SparsityStore
+
+            SparsityStore(FlashModelDir(path)).rekey(old_sha, digest)
     except BaseException:
         for f in (tmp_ffn, tmp_manifest):
             if f.exists():
