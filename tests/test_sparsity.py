@@ -203,7 +203,11 @@ def test_predictor_kind_choice_and_unknown_layout(silu_quant_model, relu_model, 
     d = FlashModelDir(silu_quant_model)
     assert resolve_kind(d, TrainOptions()) == "quant"
     assert resolve_kind(d, TrainOptions(rank=8)) == "lowrank"
-    assert resolve_kind(FlashModelDir(relu_model), TrainOptions()) == "lowrank"
+    assert resolve_kind(FlashModelDir(relu_model), TrainOptions(rank=8)) == "lowrank"
+    from llmflash.sparsity import predictor as predictor_mod
+
+    relu_auto = resolve_kind(FlashModelDir(relu_model), TrainOptions())
+    assert relu_auto == ("quant" if predictor_mod._int4_kernel_available() else "lowrank")
     with pytest.raises(LLMFlashError, match="unknown predictor kind"):
         resolve_kind(d, TrainOptions(kind="magic"))
     # a file from a newer layout (or an unknown kind) is refused with a clear message

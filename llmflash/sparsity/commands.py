@@ -37,8 +37,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "lowrank raises ranks only while they fit, quant picks the most bits that fit (default 0.05)")
     g.add_argument("--kind", choices=["auto", "lowrank", "quant"], default="auto",
                    help="predictor kind: lowrank (d -> r -> N, sigmoid) or quant (GPTQ low-bit gate/up "
-                        "estimates, scored like the true magnitude); auto: quant for gated non-ReLU models "
-                        "unless a rank option is given, lowrank otherwise")
+                        "estimates, scored like the true magnitude); auto: quant unless a rank option is given "
+                        "(where torch lacks its packed-int4 CPU kernel: quant only for gated non-ReLU models)")
     g.add_argument("--bits", type=int, default=None,
                    help="quant: bits per gate weight (default: the most that fit --size-budget)")
     g.add_argument("--up-bits", type=int, default=None, help="quant: bits per up weight (default --bits)")
