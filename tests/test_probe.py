@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from llmflash.storage.kernel_aio import kernel_aio_available
 
 from llmflash.errors import LLMFlashError
 from llmflash.storage import probe
@@ -22,16 +25,28 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+@pytest.mark.parametrize("reader", ["threads", pytest.param("aio", marks=pytest.mark.skipif(
+    not kernel_aio_available(), reason="kernel AIO unavailable"))])
 def test_quick_probe_writes_json_and_saves_a_loadable_profile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], reader: str
 ) -> None:
+    if reader == "aio":
+        from llmflash.storage.direct_io import FlashFile
+
+        (tmp_path / "probe-o-direct").write_bytes(b"\0" * 4096)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback warning, if any: we skip instead
+            with FlashFile(tmp_path / "probe-o-direct") as f:
+                if not f.direct:
+                    pytest.skip(f"{tmp_path} refuses O_DIRECT")
     profile_path = tmp_path / "cache" / "device_profile.json"
     monkeypatch.setenv(PROFILE_ENV, str(profile_path))
     report_path = tmp_path / "probe.json"
 
-    assert probe.run(_args(str(tmp_path), "--quick", "--json", str(report_path))) == 0
+    assert probe.run(_args(str(tmp_path), "--quick", "--json", str(report_path), "--reader", reader)) == 0
 
     report = json.loads(report_path.read_text())
+    assert report["reader"] == reader and report["profile"]["source"].endswith(f"({reader})")
     assert {"cells", "profile", "fit", "direct", "file_size", "saved_to"} <= report.keys()
     assert len(report["cells"]) == len(probe.QUICK.chunks) * len(probe.QUICK.depths)
     for cell in report["cells"]:

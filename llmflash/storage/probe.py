@@ -21,7 +21,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from llmflash.errors import LLMFlashError
 from llmflash.storage.direct_io import FlashFile, aligned_empty
+from llmflash.storage.kernel_aio import KernelAIO, kernel_aio_available
 from llmflash.storage.planner import DeviceProfile, default_profile_path
 
 KIB = 1 << 10
@@ -114,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunks", type=_size_list, help="chunk sizes, e.g. 4K,16K,64K (default 4K..1M)")
     parser.add_argument("--depths", type=_int_list, help="reads in flight, e.g. 1,8,32 (default 1..64)")
     parser.add_argument("--threads", type=int, help="reads in flight the runtime uses (default 32)")
+    parser.add_argument("--reader", default="auto", choices=("auto", "aio", "threads"),
+                        help="measure waves through kernel AIO or N threads calling preadv "
+                             "(default auto: the runtime's reader, AIO where available)")
     parser.add_argument("--json", type=Path, help="write cells and the fitted profile to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a throughput plot (PNG; needs matplotlib)")
     parser.add_argument(
@@ -188,16 +192,53 @@ def measure_cell(
     return Cell(chunk, in_flight, sum(counts), max(max(finished) - began, 1e-9))
 
 
-def measure_grid(file: FlashFile, settings: ProbeSettings, progress: bool = True) -> list[Cell]:
-    """Every (chunk, in-flight) cell, with a progress bar."""
+def measure_cell_aio(
+    file: FlashFile, chunk: int, in_flight: int, seconds: float, max_reads: int | None, seed: int = 0
+) -> Cell:
+    """Waves of ``in_flight`` random chunk-aligned reads through kernel AIO, each wave submitted at
+    once and awaited whole: how the runtime's reader issues a layer's reads."""
+    n_chunks = file.size // chunk
+    cap = max_reads or sys.maxsize
+    rng = np.random.default_rng(seed)
+    buf = aligned_empty(chunk * in_flight)
+    lengths = np.full(in_flight, chunk, dtype=np.int64)
+    buffer_offsets = np.arange(in_flight, dtype=np.int64) * chunk
+    aio = KernelAIO(depth=in_flight)
+    try:
+        n, began = 0, time.perf_counter()
+        stop = began + seconds
+        while n < cap:
+            offsets = rng.integers(0, n_chunks, in_flight, dtype=np.int64) * chunk
+            aio.read(file.fd, buf, offsets, lengths, buffer_offsets)
+            n += in_flight
+            if time.perf_counter() >= stop:
+                break
+        return Cell(chunk, in_flight, n, max(time.perf_counter() - began, 1e-9))
+    finally:
+        aio.close()
+
+
+def measure_grid(file: FlashFile, settings: ProbeSettings, progress: bool = True,
+                 reader: str = "threads") -> list[Cell]:
+    """Every (chunk, in-flight) cell, with a progress bar; ``reader`` is ``threads`` or ``aio``."""
+    measure = measure_cell_aio if reader == "aio" else measure_cell
     grid = list(itertools.product(settings.chunks, settings.depths))
     cells = []
-    with tqdm(total=len(grid), desc="probe-disk", unit="cell", disable=not progress) as bar:
+    with tqdm(total=len(grid), desc=f"probe-disk ({reader})", unit="cell", disable=not progress) as bar:
         for i, (chunk, depth) in enumerate(grid):
             bar.set_postfix_str(f"{_fmt_size(chunk)} x{depth}")
-            cells.append(measure_cell(file, chunk, depth, settings.seconds, settings.max_reads, seed=i))
+            cells.append(measure(file, chunk, depth, settings.seconds, settings.max_reads, seed=i))
             bar.update()
     return cells
+
+
+def pick_reader(requested: str, file: FlashFile) -> str:
+    """The reader to measure with: the one the runtime will use unless told otherwise."""
+    if requested == "aio" and not (file.direct and kernel_aio_available()):
+        raise LLMFlashError("probe-disk: --reader aio needs O_DIRECT and kernel AIO, unavailable here")
+    if requested == "auto":
+        return "aio" if file.direct and kernel_aio_available() else "threads"
+    return requested
 
 
 # -- fitting -----------------------------------------------------------------------------------
@@ -400,10 +441,13 @@ def run(args: argparse.Namespace) -> int:
                 raise LLMFlashError(f"probe-disk: {path} ({file.size} bytes) is smaller than a {max(settings.chunks)}-byte chunk")
             if not file.direct:
                 print(f"note: O_DIRECT refused on {path}; measuring buffered reads with pages dropped after each read")
-            cells = measure_grid(file, settings, progress)
+            reader = pick_reader(getattr(args, "reader", "auto"), file)
+            cells = measure_grid(file, settings, progress, reader)
             profile, quality = fit_profile(cells, settings.threads)
+            profile = replace(profile, source=f"{profile.source} ({reader})")
             saved_to = profile.save(default_profile_path()) if args.save else None
             report = report_dict(file, settings, cells, profile, quality, saved_to)
+            report["reader"] = reader
     finally:
         if scratch:
             path.unlink(missing_ok=True)
