@@ -448,14 +448,9 @@ class FlashReader:
         short = np.flatnonzero((got < plan.lengths) & (plan.offsets + got < file.size))
         view = memoryview(dest)
         for i in short.tolist():  # rare (signals, odd filesystems): not the hot path
-            have = int(got[i])
-            while have < plan.lengths[i]:
-                at = int(plan.buffer_offsets[i]) + have
-                n = file.pread_into(view[at : at + int(plan.lengths[i]) - have], int(plan.offsets[i]) + have)
-                if n == 0:
-                    break
-                have += n
-            got[i] = have
+            have, at = int(got[i]), int(plan.buffer_offsets[i]) + int(got[i])
+            # pread_into itself retries until the range is full or the file ends
+            got[i] = have + file.pread_into(view[at : at + int(plan.lengths[i]) - have], int(plan.offsets[i]) + have)
         return int(got.sum())
 
     @property

@@ -91,10 +91,10 @@ class KernelAIO:
         numbers = _syscall_numbers()
         if numbers is None:
             raise LLMFlashError(f"kernel AIO is not wired up for {platform.machine()} {os.uname().sysname}")
-        self._setup, self._destroy, self._getevents, self._submit = numbers
+        self._nr_setup, self._nr_destroy, self._nr_getevents, self._nr_submit = numbers
         self.depth = int(depth)
         self._ctx = ctypes.c_ulong(0)
-        rc = _syscall()(self._setup, ctypes.c_uint(self.depth), ctypes.byref(self._ctx))
+        rc = _syscall()(self._nr_setup, ctypes.c_uint(self.depth), ctypes.byref(self._ctx))
         if rc < 0:
             err = ctypes.get_errno()
             raise LLMFlashError(f"io_setup({self.depth}) failed: {os.strerror(err)}")
@@ -118,9 +118,10 @@ class KernelAIO:
     ) -> np.ndarray:
         """Read ``lengths[i]`` bytes at file ``offsets[i]`` into ``dest[buffer_offsets[i]:]``.
 
-        Keeps up to ``in_flight`` (default and at most ``depth``) reads in flight and returns the bytes each read got (short only at the
-        end of the file; the caller decides whether that is an error). ``dest`` must stay alive and
-        unmoved until this returns, and the O_DIRECT alignment rules apply to every read.
+        Keeps up to ``in_flight`` (default and at most ``depth``) reads in flight and returns the
+        bytes each read got (short only at the end of the file; the caller decides whether that is
+        an error). ``dest`` must stay alive and unmoved until this returns, and the O_DIRECT
+        alignment rules apply to every read.
         """
         n = int(offsets.size)
         got = np.zeros(n, dtype=np.int64)
@@ -143,13 +144,12 @@ class KernelAIO:
         ctx = self._ctx.value
         limit = self.depth if in_flight is None else max(1, min(int(in_flight), self.depth))
         submitted = completed = 0
-        events = self._events
         while completed < n:
             room = limit - (submitted - completed)
             if submitted < n and room > 0:
                 batch = min(room, n - submitted)
                 rc = syscall(
-                    self._submit, ctypes.c_ulong(ctx), ctypes.c_long(batch),
+                    self._nr_submit, ctypes.c_ulong(ctx), ctypes.c_long(batch),
                     ctypes.c_void_p(pointers.ctypes.data + 8 * submitted),
                 )
                 if rc < 0:
@@ -161,45 +161,46 @@ class KernelAIO:
                 submitted += rc
                 if rc == batch and submitted < n and limit - (submitted - completed) > 0:
                     continue
-            in_flight = submitted - completed
-            if in_flight == 0:
+            pending = submitted - completed
+            if pending == 0:
                 continue
-            rc = syscall(
-                self._getevents, ctypes.c_ulong(ctx), ctypes.c_long(1),
-                ctypes.c_long(min(in_flight, events.size)), ctypes.c_void_p(events.ctypes.data), None,
-            )
+            rc = self._getevents(pending)
             if rc < 0:
-                err = ctypes.get_errno()
+                err = -rc
                 if err == errno.EINTR:
                     continue
                 raise OSError(err, f"io_getevents: {os.strerror(err)}")
-            done = events[:rc]
+            done = self._events[:rc]
             res = done["res"]
             if (res < 0).any():
                 err = int(-res[res < 0][0])
-                self._drain(in_flight - rc)
+                self._drain(pending - rc)
                 raise OSError(err, os.strerror(err))
             got[done["data"].astype(np.int64)] = res
             completed += rc
         return got
 
-    def _drain(self, in_flight: int) -> None:
+    def _getevents(self, pending: int) -> int:
+        """Wait for at least one of ``pending`` reads; completions land in ``self._events``.
+        Returns how many completed, or ``-errno``."""
+        rc = _syscall()(
+            self._nr_getevents, ctypes.c_ulong(self._ctx.value), ctypes.c_long(1),
+            ctypes.c_long(min(pending, self._events.size)), ctypes.c_void_p(self._events.ctypes.data), None,
+        )
+        return rc if rc >= 0 else -ctypes.get_errno()
+
+    def _drain(self, pending: int) -> None:
         """Wait out reads still in flight after an error, so none lands in a freed buffer."""
-        syscall = _syscall()
-        while in_flight > 0:
-            rc = syscall(
-                self._getevents, ctypes.c_ulong(self._ctx.value), ctypes.c_long(1),
-                ctypes.c_long(min(in_flight, self._events.size)),
-                ctypes.c_void_p(self._events.ctypes.data), None,
-            )
-            if rc < 0 and ctypes.get_errno() != errno.EINTR:
+        while pending > 0:
+            rc = self._getevents(pending)
+            if rc < 0 and rc != -errno.EINTR:
                 return
-            in_flight -= max(rc, 0)
+            pending -= max(rc, 0)
 
     def close(self) -> None:
         """Destroy the context (idempotent)."""
         if self._ctx.value:
-            _syscall()(self._destroy, ctypes.c_ulong(self._ctx.value))
+            _syscall()(self._nr_destroy, ctypes.c_ulong(self._ctx.value))
             self._ctx = ctypes.c_ulong(0)
 
     def __del__(self) -> None:
