@@ -130,13 +130,14 @@ def _p10_p90(values: list[float]) -> list[float]:
     return [float(q[0]), float(q[-1])]
 
 
-def summarise(run: dict, profile) -> dict:
+def summarise(run: dict) -> dict:
     s, t = run["stats"], run["timing"]
     per_token = [a + b + c for a, b, c in zip(s["io_ms"], s["mem_ms"], s["compute_ms"])]
     io_s = sum(s["io_ms"]) / 1000
     reads, nbytes = sum(s["reads_per_token"]), sum(s["bytes_per_token"])
-    # The profile's time for the same waves of reads the run issued (per call, not per token).
-    predicted = sum(s["io_model_ms"]) / 1000 if "io_model_ms" in s else profile.read_seconds(reads, nbytes)
+    # The profile's time for the same waves of reads the run issued (per call, not per token);
+    # modes that read nothing after loading (dense, mmap) log none.
+    predicted = sum(s.get("io_model_ms", [])) / 1000
     return {
         "tokens_per_s": t["tokens_per_s"],
         "ms_per_token": _median(per_token),
@@ -197,7 +198,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             extra += ("--sparsity-budget", str(sparsity_budget))
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
                        pin if mode == "flash" else 0.0, extra)
-        result["modes"][mode] = summarise(run, profile)
+        result["modes"][mode] = summarise(run)
         result["modes"][mode]["wall_s"] = time.perf_counter() - started
     m = result["modes"]
     ratios = {}

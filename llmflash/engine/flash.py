@@ -197,10 +197,10 @@ class FlashFFN(_FlashBacked):
         # Selected neurons that do not fit a layer's cache even with the window shrunk to one
         # token are read into these rows wave by wave, computed and forgotten (charged to the plan).
         self.scratch = torch.empty(plan.scratch_rows, model_dir.bundle.elements, dtype=dtype)
-        # When the compute dtype is the stored one, reads land in the scratch rows directly.
-        same = self.scratch.element_size() * model_dir.bundle.elements == self.bundle_bytes and (
-            str(dtype) == f"torch.{model_dir.bundle.dtype}")
-        self._scratch_bytes = self.scratch.numpy().view(np.uint8) if same and dtype != torch.bfloat16 else None
+        # When the compute dtype is the stored one, reads land in the scratch rows directly
+        # (numpy has no bfloat16, so that dtype keeps the copy).
+        direct = str(dtype) == f"torch.{model_dir.bundle.dtype}" and dtype != torch.bfloat16
+        self._scratch_bytes = self.scratch.numpy().view(np.uint8) if direct else None
         self.log.start()  # the pinned rows' one-time load, reported apart from the tokens
         for layer, cache in enumerate(self.caches):
             self._load_plan(layer, cache.initial_plan())
