@@ -8,8 +8,8 @@ Two kinds, stored in the same file (`kind` in its meta):
   magnitude that defines "active" for SwiGLU models, which a linear map + sigmoid cannot express
   (|u| is sign-symmetric in x). For ReLU models the score is the estimated pre-activation.
   Nothing is trained by gradient descent: GPTQ quantizes against the second moment of the layer's
-  calibration FFN inputs, and the decision threshold is tuned as for the low-rank kind. Default for
-  gated non-ReLU models (unless a rank is given).
+  calibration FFN inputs, and the decision threshold is tuned as for the low-rank kind. The default
+  kind unless a rank is given (see resolve_kind).
 
 Low-rank kind:
 
@@ -261,7 +261,8 @@ class PredictorSet:
 
     def nbytes(self) -> int:
         """Bytes held resident (low-rank: in the compute dtype the set was loaded with; quant: the
-        packed codes, plus steps and biases in the compute dtype; weights are unpacked per call)."""
+        codes as the int4 kernel holds them (or as stored, where it is missing), with scales and
+        biases)."""
         if self.q is not None:
             return sum(t.numel() * t.element_size() for ql in self.q for t in ql.tensors())
         return sum(t.numel() * t.element_size() for ts in (self.A, self.a, self.B, self.b) for t in ts)
@@ -308,7 +309,7 @@ class TrainOptions:
     size_budget: float = 0.05  # predictors as stored at most this fraction of the model's float16 bytes
     criterion: str = "glu"
     seed: int = 0
-    kind: str = "auto"  # "lowrank", "quant", or auto: quant for gated non-ReLU models unless a rank is given
+    kind: str = "auto"  # "lowrank", "quant", or auto (resolve_kind): quant unless a rank is given
     bits: int | None = None  # quant: gate (fc1) bits; None = the most that fit size_budget (AUTO_BITS)
     up_bits: int | None = None  # quant: up bits (default: bits)
 
@@ -469,12 +470,11 @@ def resolve_kind(model_dir: FlashModelDir, opts: TrainOptions) -> str:
         raise LLMFlashError(f"unknown predictor kind {opts.kind!r}; choose auto, {', '.join(KINDS)}")
     if opts.kind != "auto":
         return opts.kind
-    ranked = opts.rank is not None or opts.start_rank is not None or opts.max_rank is not None
-    gated = model_dir.bundle.part("gate") is not None
-    if ranked:
+    if opts.rank is not None or opts.start_rank is not None or opts.max_rank is not None:
         return "lowrank"
     if _int4_kernel_available():
         return "quant"
+    gated = model_dir.bundle.part("gate") is not None
     return "quant" if gated and not is_relu(model_dir) else "lowrank"
 
 
