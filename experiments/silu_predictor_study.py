@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from llmflash.engine.ffn import activate
 from llmflash.engine.runtime import Engine
+from llmflash.sparsity import quant
 from llmflash.sparsity.common import layer_weights, text_windows, window_nll
 from llmflash.sparsity.predictor import PredictorSet
 
@@ -258,38 +259,11 @@ def allocate(sens: np.ndarray, grid: list[float], mean: float) -> tuple[list[flo
     return [grid[j] for j in picks], float(cost)
 
 
-def gptq_levels(W: torch.Tensor, H: torch.Tensor, levels: int, damp: float = 0.01) -> torch.Tensor:
-    """GPTQ (as quant.gptq) onto `levels` symmetric uniform levels (odd counts include 0); the
-    dequantized copy. Lets odd level counts be compared with the power-of-two ones stored."""
-    W = W.float().clone()
-    N, d = W.shape
-
-    def deq(c, s):
-        return (c - (levels - 1) / 2) * s
-
-    def codes(w, s):
-        return torch.round(w / s + (levels - 1) / 2).clamp(0, levels - 1)
-
-    mean_abs = W.abs().mean(1, keepdim=True).clamp_min(1e-12)
-    step, err = None, None
-    for f in torch.linspace(0.3, 3.5, 33).tolist():
-        s = mean_abs * f / (levels / 2)
-        e = ((deq(codes(W, s), s) - W) ** 2).sum(1, keepdim=True)
-        step, err = (s, e) if step is None else (torch.where(e < err, s, step), torch.minimum(e, err))
-    perm = torch.argsort(torch.diag(H), descending=True)
-    W = W[:, perm]
-    Hp = H[perm][:, perm].double()
-    Hp = Hp + damp * float(torch.diag(Hp).mean()) * torch.eye(d, dtype=Hp.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).float()
-    Q = torch.zeros(N, d)
-    for j in range(d):
-        w = W[:, j:j + 1]
-        q = deq(codes(w, step), step)
-        Q[:, j] = q[:, 0]
-        W[:, j + 1:] -= ((w - q) / Hinv[j, j]) * Hinv[j, j + 1:][None, :]
-    out = torch.empty_like(Q)
-    out[:, perm] = Q
-    return out
+def gptq_levels(W: torch.Tensor, H: torch.Tensor, levels: int) -> torch.Tensor:
+    """The dequantized GPTQ copy of W on `levels` symmetric uniform levels (odd counts include 0,
+    which the stored packing cannot hold; this compares them with the power-of-two ones)."""
+    codes, step = quant.gptq(W, H, bits=0, levels=levels)
+    return quant._dequant(codes.float(), step[:, None], 0, levels)
 
 
 def top_half_recall(w, X: torch.Tensor, est: torch.Tensor) -> tuple[float, float]:

@@ -33,14 +33,14 @@ def fields(bits: int) -> tuple[int, ...]:
     return tuple(w for w in (4, 2, 1) if bits & w)
 
 
-def row_steps(W: torch.Tensor, bits: int) -> torch.Tensor:
+def row_steps(W: torch.Tensor, bits: int, levels: int | None = None) -> torch.Tensor:
     """Per-row step [N] of the uniform symmetric grid with the least round-to-nearest error."""
-    L = 2 ** bits
+    L = levels or 2 ** bits
     mean_abs = W.abs().mean(1, keepdim=True).clamp_min(1e-12)
     best, best_err = None, None
     for f in STEP_GRID.tolist():
         step = mean_abs * (f / (L / 2))
-        err = ((_dequant(_codes(W, step, bits), step, bits) - W) ** 2).sum(1, keepdim=True)
+        err = ((_dequant(_codes(W, step, bits, L), step, bits, L) - W) ** 2).sum(1, keepdim=True)
         if best is None:
             best, best_err = step, err
         else:
@@ -50,24 +50,29 @@ def row_steps(W: torch.Tensor, bits: int) -> torch.Tensor:
     return best.reshape(-1)
 
 
-def _codes(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    L = 2 ** bits
-    return (torch.floor(w / step) + L // 2).clamp(0, L - 1)
+def _codes(w: torch.Tensor, step: torch.Tensor, bits: int, levels: int | None = None) -> torch.Tensor:
+    """Nearest level: the levels sit at half-integer steps for an even count, at integers (0
+    included) for an odd one."""
+    L = levels or 2 ** bits
+    return (torch.floor(w / step + (L % 2) / 2) + L // 2).clamp(0, L - 1)
 
 
-def _dequant(c: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    return (c - (2 ** bits - 1) / 2) * step
+def _dequant(c: torch.Tensor, step: torch.Tensor, bits: int, levels: int | None = None) -> torch.Tensor:
+    return (c - ((levels or 2 ** bits) - 1) / 2) * step
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float = 0.01,
-         act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+         act_order: bool = True, levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize W [N, d] against inputs with second moment H [d, d]: (codes uint8 [N, d], step [N]).
 
-    Q = (codes - (2^bits - 1) / 2) * step[:, None] approximates W so that Q x ~ W x for the inputs.
+    Q = (codes - (L - 1) / 2) * step[:, None] approximates W so that Q x ~ W x for the inputs, with
+    L = 2^bits levels, or `levels` (any count, e.g. 3 or 5, which the packing here does not store;
+    experiments/silu_predictor_study.py compares them).
     """
     W = W.float().clone()
     N, d = W.shape
-    step = row_steps(W, bits)
+    L = levels or 2 ** bits
+    step = row_steps(W, bits, L)
     H = H.double().clone()
     dead = torch.diag(H) <= 0
     H[dead, dead] = 1.0
@@ -96,9 +101,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float = 0.01,
         Hb = Hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             w = Wb[:, j:j + 1]
-            c = _codes(w, s, bits)
+            c = _codes(w, s, bits, L)
             codes[:, i0 + j] = c[:, 0]
-            e = (w - _dequant(c, s, bits)) / Hb[j, j]
+            e = (w - _dequant(c, s, bits, L)) / Hb[j, j]
             Wb[:, j + 1:] -= e * Hb[j, j + 1:][None, :]
             Eb[:, j:j + 1] = e
         W[:, i1:] -= Eb @ Hinv[i0:i1, i1:]
