@@ -194,7 +194,7 @@ def test_quant_pack_roundtrip_and_gptq_beats_rounding():
     codes, step = quant.gptq(W, H, 3)
     Q = quant.dequantize(quant.pack(codes, 3), step, 3, 32)
     step_rtn = quant.row_steps(W, 3)
-    R = quant._dequant(quant._codes(W, step_rtn[:, None], 3), step_rtn[:, None], 3)
+    R = quant._dequant(quant._codes(W, step_rtn[:, None], 2 ** 3), step_rtn[:, None], 2 ** 3)
     err = lambda M: float((X @ (M - W).T).norm())
     assert err(Q) < 0.8 * err(R)
 

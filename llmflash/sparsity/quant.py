@@ -40,7 +40,7 @@ def row_steps(W: torch.Tensor, bits: int, levels: int | None = None) -> torch.Te
     best, best_err = None, None
     for f in STEP_GRID.tolist():
         step = mean_abs * (f / (L / 2))
-        err = ((_dequant(_codes(W, step, bits, L), step, bits, L) - W) ** 2).sum(1, keepdim=True)
+        err = ((_dequant(_codes(W, step, L), step, L) - W) ** 2).sum(1, keepdim=True)
         if best is None:
             best, best_err = step, err
         else:
@@ -50,15 +50,14 @@ def row_steps(W: torch.Tensor, bits: int, levels: int | None = None) -> torch.Te
     return best.reshape(-1)
 
 
-def _codes(w: torch.Tensor, step: torch.Tensor, bits: int, levels: int | None = None) -> torch.Tensor:
-    """Nearest level: the levels sit at half-integer steps for an even count, at integers (0
+def _codes(w: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    """Nearest of `levels` levels: at half-integer steps for an even count, at integers (0
     included) for an odd one."""
-    L = levels or 2 ** bits
-    return (torch.floor(w / step + (L % 2) / 2) + L // 2).clamp(0, L - 1)
+    return (torch.floor(w / step + (levels % 2) / 2) + levels // 2).clamp(0, levels - 1)
 
 
-def _dequant(c: torch.Tensor, step: torch.Tensor, bits: int, levels: int | None = None) -> torch.Tensor:
-    return (c - ((levels or 2 ** bits) - 1) / 2) * step
+def _dequant(c: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    return (c - (levels - 1) / 2) * step
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float = 0.01,
@@ -101,9 +100,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float = 0.01,
         Hb = Hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             w = Wb[:, j:j + 1]
-            c = _codes(w, s, bits, L)
+            c = _codes(w, s, L)
             codes[:, i0 + j] = c[:, 0]
-            e = (w - _dequant(c, s, bits, L)) / Hb[j, j]
+            e = (w - _dequant(c, s, L)) / Hb[j, j]
             Wb[:, j + 1:] -= e * Hb[j, j + 1:][None, :]
             Eb[:, j:j + 1] = e
         W[:, i1:] -= Eb @ Hinv[i0:i1, i1:]
