@@ -33,11 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmflash.engine.ffn import activate
-from llmflash.engine.runtime import Engine
-from llmflash.sparsity import quant
-from llmflash.sparsity.common import layer_weights, text_windows, window_nll
-from llmflash.sparsity.predictor import PredictorSet
+from llmflash.runtime.ffn import activate
+from llmflash.runtime.engine import Engine
+from llmflash.tools import gptq
+from llmflash.runtime.layer_weights import layer_weights
+from llmflash.tools.text import text_windows, window_nll
+from llmflash.runtime.predictors import PredictorSet
 
 CALIB_TOKENS = 16384
 GRID = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -262,8 +263,8 @@ def allocate(sens: np.ndarray, grid: list[float], mean: float) -> tuple[list[flo
 def gptq_levels(W: torch.Tensor, H: torch.Tensor, levels: int) -> torch.Tensor:
     """The dequantized GPTQ copy of W on `levels` symmetric uniform levels (odd counts include 0,
     which the stored packing cannot hold; this compares them with the power-of-two ones)."""
-    codes, step = quant.gptq(W, H, bits=0, levels=levels)
-    return quant._dequant(codes.float(), step[:, None], levels)
+    codes, step = gptq.gptq(W, H, bits=0, levels=levels)
+    return gptq._dequant(codes.float(), step[:, None], levels)
 
 
 def top_half_recall(a: torch.Tensor, est: torch.Tensor) -> tuple[float, float]:

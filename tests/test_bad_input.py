@@ -15,9 +15,9 @@ import pytest
 
 import tiny_models
 from llmflash.convert.writer import convert
-from llmflash.engine.runtime import Engine
+from llmflash.runtime.engine import Engine
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FlashModelDir
+from llmflash.format.layout import FlashModelDir
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage import direct_io
-from llmflash.storage.direct_io import (
+from llmflash.runtime import reader as direct_io
+from llmflash.runtime.reader import (
     DirectIOFallbackWarning,
     FlashFile,
     FlashReader,
     aligned_empty,
     round_up,
 )
-from llmflash.storage.kernel_aio import KernelAIO, kernel_aio_available
-from llmflash.storage.planner import DEFAULT_PROFILE, plan_reads
+from llmflash.runtime.kernel_aio import KernelAIO, kernel_aio_available
+from llmflash.runtime.read_planner import DEFAULT_PROFILE, plan_reads
 
 FILE_BYTES = 4 << 20
 REPO_ROOT = Path(__file__).resolve().parent.parent

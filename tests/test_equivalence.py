@@ -7,7 +7,7 @@ import torch
 
 import tiny_models
 from llmflash.convert.writer import convert
-from llmflash.engine.runtime import Engine
+from llmflash.runtime.engine import Engine
 
 KINDS = ["opt", "opt-proj", "llama-gqa", "llama-tied", "llama-relu", "llama-bias", "fatrelu",
          "qwen2", "mistral"]

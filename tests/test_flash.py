@@ -8,11 +8,11 @@ import torch
 
 import tiny_models
 from llmflash.convert.writer import convert
-from llmflash.engine.memory import parse_budget, plan_memory
-from llmflash.engine.modes import RunOptions, ffn_factory
-from llmflash.engine.runtime import Engine, process_read_bytes
+from llmflash.runtime.memory_plan import parse_budget, plan_memory
+from llmflash.runtime.modes import RunOptions, ffn_factory
+from llmflash.runtime.engine import Engine, process_read_bytes
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FlashModelDir
+from llmflash.format.layout import FlashModelDir
 
 PROMPT = [1, 17, 42, 99, 7, 250, 3, 18]
 
@@ -167,7 +167,7 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
 
     import transformers as tf
 
-    from llmflash.engine.bench import FIXED_OVERHEAD_BYTES, runtime_overhead_bytes
+    from llmflash.tools.bench import FIXED_OVERHEAD_BYTES, runtime_overhead_bytes
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=4096, num_hidden_layers=8,

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from llmflash.cache.neuron_cache import AdmitPlan, NeuronCache
+from llmflash.runtime.neuron_cache import AdmitPlan, NeuronCache
 from llmflash.errors import LLMFlashError
 
 ROW_WIDTH = 3

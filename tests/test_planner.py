@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage.planner import (
+from llmflash.runtime.read_planner import (
     DEFAULT_PROFILE,
     PROFILE_ENV,
     DeviceProfile,

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmflash.storage.kernel_aio import kernel_aio_available
+from llmflash.runtime.kernel_aio import kernel_aio_available
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage import probe
-from llmflash.storage.planner import PROFILE_ENV, DeviceProfile, load_default_profile
-from llmflash.storage.probe import Cell, fit_profile, parse_size
+from llmflash.tools import probe_disk as probe
+from llmflash.runtime.read_planner import PROFILE_ENV, DeviceProfile, load_default_profile
+from llmflash.tools.probe_disk import Cell, fit_profile, parse_size
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def test_quick_probe_writes_json_and_saves_a_loadable_profile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], reader: str
 ) -> None:
     if reader == "aio":
-        from llmflash.storage.direct_io import FlashFile
+        from llmflash.runtime.reader import FlashFile
 
         (tmp_path / "probe-o-direct").write_bytes(b"\0" * 4096)
         with warnings.catch_warnings():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -10,11 +9,11 @@ import torch
 
 import tiny_models
 from llmflash.convert.writer import convert
-from llmflash.engine.modes import RunOptions, ffn_factory
-from llmflash.engine.runtime import Engine
+from llmflash.runtime.modes import RunOptions, ffn_factory
+from llmflash.runtime.engine import Engine
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FlashModelDir
-from llmflash.storage.reorder import coactivation_order, reorder
+from llmflash.format.layout import FlashModelDir
+from llmflash.tools.reorder import coactivation_order, reorder
 
 PROMPT = [1, 17, 42, 99, 7, 250, 3, 18]
 
@@ -75,7 +74,7 @@ def test_chain_puts_coactive_neurons_together():
 
 
 def test_cache_sizes_follow_window_statistics(models):
-    from llmflash.engine.memory import plan_memory
+    from llmflash.runtime.memory_plan import plan_memory
 
     _, ordered = models
     d = FlashModelDir(ordered)
@@ -92,8 +91,9 @@ def test_cache_sizes_follow_window_statistics(models):
 def test_predictors_stay_valid_after_reorder(tmp_path):
     """Neuron ids do not change, so predictors trained before `reorder` load and select the same
     neurons after it; flash mode with them still runs from the new bundle file."""
-    from llmflash.sparsity.calibrate import calibrate
-    from llmflash.sparsity.predictor import PredictorSet, TrainOptions
+    from llmflash.tools.calibrate import calibrate
+    from llmflash.runtime.predictors import PredictorSet
+    from llmflash.tools.train_predictors import TrainOptions
 
     tiny_models.build("llama-relu", tmp_path / "hf")
     path = convert(tmp_path / "hf", tmp_path / "flash", dtype="float32", progress=False).path

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmflash.convert.writer import convert
-from llmflash.engine.runtime import Engine
+from llmflash.runtime.engine import Engine
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,19 @@ import torch
 
 import tiny_models
 from llmflash.convert.writer import convert
-from llmflash.engine.ffn import DenseFFN
-from llmflash.engine.runtime import Engine
+from llmflash.runtime.ffn import DenseFFN
+from llmflash.runtime.engine import Engine
 from llmflash.errors import LLMFlashError
-from llmflash.sparsity import commands
-from llmflash.sparsity.calibrate import calibrate, capture_inputs
-from llmflash.sparsity.common import layer_weights
-from llmflash.sparsity import quant
-from llmflash.sparsity.predictor import (PredictorSet, TrainOptions, magnitude_recall, resolve_kind,
-                                         selection_metrics)
-from llmflash.sparsity.sparse_ffn import SparseFFN, sparse_ffn_factory
-from llmflash.sparsity.store import PREDICTORS_FILE, STATS_FILE, SparsityStore
-from llmflash.storage.layout import FlashModelDir
+from llmflash.cli import sparsity as commands
+from llmflash.tools.calibrate import calibrate, capture_inputs
+from llmflash.runtime.layer_weights import layer_weights
+from llmflash.runtime import lowbit as quant
+from llmflash.runtime.predictors import PredictorSet
+from llmflash.tools import gptq
+from llmflash.tools.train_predictors import TrainOptions, magnitude_recall, resolve_kind, selection_metrics
+from llmflash.runtime.sparse_ffn import SparseFFN, sparse_ffn_factory
+from llmflash.format.sparsity_store import PREDICTORS_FILE, STATS_FILE, SparsityStore
+from llmflash.format.layout import FlashModelDir
 
 PROMPT = [1, 17, 42, 99, 7, 250, 3, 18, 77, 5, 200, 11]
 FAST = dict(epochs=2, min_steps=300, batch=256)
@@ -159,8 +160,8 @@ def test_quant_predictor_finds_the_top_half_on_silu(silu_quant_model, silu_model
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int4_kernel_matches_table_dequantization(bits, monkeypatch):
-    from llmflash.sparsity import predictor as predictor_mod
-    from llmflash.sparsity import quant
+    from llmflash.runtime import predictors as predictor_mod
+    from llmflash.runtime import lowbit as quant
 
     gen = torch.Generator().manual_seed(bits)
     n, d = 96, 128
@@ -168,11 +169,11 @@ def test_int4_kernel_matches_table_dequantization(bits, monkeypatch):
     step = torch.rand(n, generator=gen) * 0.02 + 0.001
     packed = quant.pack(codes, bits)
     x = torch.randn(5, d, generator=gen)
-    fast = predictor_mod._LowBitMatrix(packed, step, bits, d, torch.float32)
+    fast = predictor_mod.LowBitMatrix(packed, step, bits, d, torch.float32)
     if fast.w4 is None:
         pytest.skip("this torch build has no packed-int4 CPU kernel")
-    monkeypatch.setattr(predictor_mod, "_int4_kernel_available", lambda: False)
-    table = predictor_mod._LowBitMatrix(packed, step, bits, d, torch.float32)
+    monkeypatch.setattr(predictor_mod, "int4_kernel_available", lambda: False)
+    table = predictor_mod.LowBitMatrix(packed, step, bits, d, torch.float32)
     assert table.w4 is None
     want = x @ quant.dequantize(packed, step, bits, d).t()
     torch.testing.assert_close(table.matmul(x), want)
@@ -191,10 +192,10 @@ def test_quant_pack_roundtrip_and_gptq_beats_rounding():
     X = torch.randn(2000, 8, generator=gen) @ torch.randn(8, 32, generator=gen) + 0.1 * torch.randn(2000, 32, generator=gen)
     W = torch.randn(48, 32, generator=gen)
     H = X.T @ X / len(X)
-    codes, step = quant.gptq(W, H, 3)
+    codes, step = gptq.gptq(W, H, 3)
     Q = quant.dequantize(quant.pack(codes, 3), step, 3, 32)
-    step_rtn = quant.row_steps(W, 3)
-    R = quant._dequant(quant._codes(W, step_rtn[:, None], 2 ** 3), step_rtn[:, None], 2 ** 3)
+    step_rtn = gptq.row_steps(W, 3)
+    R = gptq._dequant(gptq._codes(W, step_rtn[:, None], 2 ** 3), step_rtn[:, None], 2 ** 3)
     err = lambda M: float((X @ (M - W).T).norm())
     assert err(Q) < 0.8 * err(R)
 
@@ -204,10 +205,10 @@ def test_predictor_kind_choice_and_unknown_layout(silu_quant_model, relu_model, 
     assert resolve_kind(d, TrainOptions()) == "quant"
     assert resolve_kind(d, TrainOptions(rank=8)) == "lowrank"
     assert resolve_kind(FlashModelDir(relu_model), TrainOptions(rank=8)) == "lowrank"
-    from llmflash.sparsity import predictor as predictor_mod
+    from llmflash.runtime import predictors as predictor_mod
 
     relu_auto = resolve_kind(FlashModelDir(relu_model), TrainOptions())
-    assert relu_auto == ("quant" if predictor_mod._int4_kernel_available() else "lowrank")
+    assert relu_auto == ("quant" if predictor_mod.int4_kernel_available() else "lowrank")
     with pytest.raises(LLMFlashError, match="unknown predictor kind"):
         resolve_kind(d, TrainOptions(kind="magic"))
     # a file from a newer layout (or an unknown kind) is refused with a clear message
@@ -366,7 +367,7 @@ def test_calibrate_cli_and_rerun(tmp_path_factory, texts, capsys):
 
 # -- relufication --------------------------------------------------------------------------------------
 def test_relufy_lowers_loss_and_gives_exact_zeros(tmp_path_factory, texts):
-    from llmflash.sparsity.relufy import RelufyOptions, relufy
+    from llmflash.tools.relufy import RelufyOptions, relufy
 
     src = _model(tmp_path_factory, "llama-gqa")
     dst = src.parent / "relu"
@@ -388,7 +389,7 @@ def test_relufy_lowers_loss_and_gives_exact_zeros(tmp_path_factory, texts):
 
 
 def test_relufy_resumes_from_checkpoint(tmp_path_factory, texts):
-    from llmflash.sparsity.relufy import RelufyOptions, relufy
+    from llmflash.tools.relufy import RelufyOptions, relufy
 
     src = _model(tmp_path_factory, "llama-gqa")
     a = RelufyOptions(steps=4, seq_len=32, batch=1, eval_tokens=200, checkpoint_every=2)
@@ -396,7 +397,7 @@ def test_relufy_resumes_from_checkpoint(tmp_path_factory, texts):
     # simulate an interruption: a checkpoint at step 2, then resume to step 4
     ckpt = src.parent / ".resumed.relufy-ckpt.pt"
     calls = {"n": 0}
-    import llmflash.sparsity.relufy as rmod
+    import llmflash.tools.relufy as rmod
 
     orig = rmod._write_model
 
@@ -418,7 +419,7 @@ def test_relufy_resumes_from_checkpoint(tmp_path_factory, texts):
 
 
 def test_relufy_refuses_relu_source(tmp_path_factory, texts):
-    from llmflash.sparsity.relufy import RelufyOptions, relufy
+    from llmflash.tools.relufy import RelufyOptions, relufy
 
     src = _model(tmp_path_factory, "opt")
     with pytest.raises(LLMFlashError, match="gated"):

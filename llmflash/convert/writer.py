@@ -24,7 +24,7 @@ from llmflash.config import ModelConfig, config_from_hf
 from llmflash.convert.source import ModelSource
 from llmflash.errors import LLMFlashError
 from llmflash.models.names import ffn_tensor_names, normalise_name, resident_tensor_names
-from llmflash.storage.layout import (
+from llmflash.format.layout import (
     ALIGNMENT,
     DTYPES,
     FFN_FILE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmflash.config import ModelConfig
-from llmflash.models.common import FFNProvider, KVCache
+from llmflash.models.base import FFNProvider, KVCache
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], ffn: FFNProvider,

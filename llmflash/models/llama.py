@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from llmflash.config import ModelConfig
-from llmflash.models.common import (Decoder, FFNProvider, KVCache, Rotary, attention, causal_mask,
+from llmflash.models.base import (Decoder, FFNProvider, KVCache, Rotary, attention, causal_mask,
                                      linear, rms_norm)
 
 

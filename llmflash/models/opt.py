@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from llmflash.config import ModelConfig
-from llmflash.models.common import Decoder, FFNProvider, KVCache, attention, causal_mask, layer_norm, linear
+from llmflash.models.base import Decoder, FFNProvider, KVCache, attention, causal_mask, layer_norm, linear
 
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 

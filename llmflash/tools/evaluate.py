@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmflash.engine.runtime import Engine
-from llmflash.sparsity.common import is_relu, layer_weights, text_windows, window_nll
-from llmflash.sparsity.sparse_ffn import SparseFFN
-from llmflash.sparsity.store import PREDICTORS_FILE, STATS_FILE, SparsityStore
+from llmflash.runtime.engine import Engine
+from llmflash.runtime.layer_weights import is_relu, layer_weights
+from llmflash.tools.text import text_windows, window_nll
+from llmflash.runtime.sparse_ffn import SparseFFN
+from llmflash.format.sparsity_store import PREDICTORS_FILE, STATS_FILE, SparsityStore
 
 MAX_K = 8
 SKIP = 8
@@ -77,7 +78,7 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
              budget: float | None = None) -> dict:
     from tqdm import tqdm
 
-    from llmflash.sparsity.predictor import PredictorSet
+    from llmflash.runtime.predictors import PredictorSet
 
     from llmflash.errors import LLMFlashError
 
@@ -157,7 +158,7 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
         return [{"k": k + 1, "held_fraction": acc[k, 0] / acc[k, 2], "new_fraction": acc[k, 1] / acc[k, 2]}
                 for k in range(MAX_K) if acc[k, 2] > 0]
 
-    from llmflash.sparsity.predictor import model_bytes_f16
+    from llmflash.tools.train_predictors import model_bytes_f16
 
     model_bytes = model_bytes_f16(engine.dir)
 

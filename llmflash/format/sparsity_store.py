@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FFN_FILE, FlashModelDir, sha256_file
+from llmflash.format.layout import FFN_FILE, FlashModelDir, sha256_file
 
 SUBDIR = "sparsity"
 INDEX = "index.json"

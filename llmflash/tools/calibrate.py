@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from llmflash.engine.ffn import activate
-from llmflash.engine.runtime import Engine, dense_ffn
-from llmflash.sparsity.common import CapturingFFN, is_relu, layer_weights, text_windows
-from llmflash.sparsity.store import STATS_FILE, SparsityStore
-from llmflash.storage.layout import FlashModelDir
+from llmflash.runtime.ffn import activate
+from llmflash.runtime.engine import Engine, dense_ffn
+from llmflash.runtime.layer_weights import is_relu, layer_weights
+from llmflash.tools.text import CapturingFFN, text_windows
+from llmflash.format.sparsity_store import STATS_FILE, SparsityStore
+from llmflash.format.layout import FlashModelDir
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 
@@ -106,7 +107,7 @@ def calibrate(path: Path | str, text: Path | str, tokens: int = 16384, window: i
               sparsity: float = 0.5, train: bool = True, train_options=None, progress: bool = True,
               log=print) -> dict:
     """Statistics and thresholds, then (train=True) the predictors; returns a summary dict."""
-    from llmflash.sparsity.predictor import TrainOptions, train_predictors
+    from llmflash.tools.train_predictors import TrainOptions, train_predictors
 
     if not 0.0 < sparsity < 1.0:
         from llmflash.errors import LLMFlashError

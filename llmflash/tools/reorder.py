@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmflash.engine.ffn import ffn_intermediate
+from llmflash.runtime.ffn import ffn_intermediate
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FFN_FILE, MANIFEST, FlashModelDir, align_up, sha256_file
+from llmflash.format.layout import FFN_FILE, MANIFEST, FlashModelDir, align_up, sha256_file
 
 HOT_FRACTION = 0.25  # how many of the hottest neurons the manifest lists per layer
 
@@ -151,7 +151,7 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
         old_sha = model_dir.files.get(old_name, {}).get("sha256")
         if old_sha is not None:
             # neuron ids are unchanged, so calibration statistics and predictors stay valid
-            from llmflash.sparsity.store import SparsityStore
+            from llmflash.format.sparsity_store import SparsityStore
 
             SparsityStore(FlashModelDir(path)).rekey(old_sha, digest)
     except BaseException:
@@ -164,7 +164,7 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
 
 def reorder(model: Path, text: Path, tokens: int = 4096) -> FlashModelDir:
     """Trace activations on `text`, reorder every layer by co-activation, record hot neurons."""
-    from llmflash.engine.runtime import Engine
+    from llmflash.runtime.engine import Engine
 
     engine = Engine(model)
     tok = engine.require_tokenizer()

@@ -1,6 +1,6 @@
 """CLI subcommands of the sparsity tools: calibrate, train-predictors, eval, relufy.
 
-`register(sub)` adds them to llmflash's parser; `python -m llmflash.sparsity.commands ...` runs
+`register(sub)` adds them to llmflash's parser; `python -m llmflash.cli.sparsity ...` runs
 them standalone. Each command returns an int exit code; failures the user can act on are
 LLMFlashError (printed as one line by llmflash's main).
 """
@@ -47,7 +47,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_options(args: argparse.Namespace):
-    from llmflash.sparsity.predictor import TrainOptions
+    from llmflash.tools.train_predictors import TrainOptions
 
     return TrainOptions(rank=args.rank, start_rank=args.start_rank, max_rank=args.max_rank,
                         target_recall=args.target_recall, max_selected_ratio=args.max_selected_ratio,
@@ -69,7 +69,7 @@ def _log(args):
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from llmflash.sparsity.calibrate import calibrate
+    from llmflash.tools.calibrate import calibrate
 
     summary = calibrate(args.model, args.text, tokens=args.tokens, window=args.window, sparsity=args.sparsity,
                         train=not args.no_predictors, train_options=_train_options(args),
@@ -84,8 +84,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_train_predictors(args: argparse.Namespace) -> int:
     import hashlib
 
-    from llmflash.sparsity.calibrate import capture_inputs
-    from llmflash.sparsity.predictor import train_predictors
+    from llmflash.tools.calibrate import capture_inputs
+    from llmflash.tools.train_predictors import train_predictors
 
     engine, inputs, windows = capture_inputs(args.model, args.text, args.tokens, args.window, not args.quiet)
     key = f"{hashlib.sha256(Path(args.text).read_bytes()).hexdigest()}:{sum(map(len, windows))}:{args.window}"
@@ -103,7 +103,7 @@ def cmd_train_predictors(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from llmflash.sparsity.evaluate import evaluate, format_table, plot
+    from llmflash.tools.evaluate import evaluate, format_table, plot
 
     result = evaluate(args.model, args.text, tokens=args.tokens, window=args.window, progress=not args.quiet,
                       budget=args.budget, modes=tuple(args.modes.split(",")))
@@ -117,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_relufy(args: argparse.Namespace) -> int:
-    from llmflash.sparsity.relufy import RelufyOptions, relufy
+    from llmflash.tools.relufy import RelufyOptions, relufy
 
     opts = RelufyOptions(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch=args.batch,
                          threshold=args.fatrelu, refit=not args.no_refit, l1=args.l1, ce_weight=args.ce_weight,

@@ -6,12 +6,12 @@ Why this shape (STORAGE.md measured it on this project's machines):
   buffers match fio (psync, libaio, io_uring) in throughput; about 32 reads in flight is the sweet
   spot. But a decode step issues only ~10-30 small reads per layer, so the fixed cost of waking the
   pool for every layer shows. Where the kernel allows it, O_DIRECT reads therefore go through
-  kernel AIO (:mod:`llmflash.storage.kernel_aio`: one ``io_submit`` and one ``io_getevents`` per
+  kernel AIO (:mod:`llmflash.runtime.kernel_aio`: one ``io_submit`` and one ``io_getevents`` per
   batch, no threads); measured here 9 x 8 KiB reads took 0.28 ms against 0.42 ms with threads.
   The thread pool stays for buffered files and where AIO is unavailable.
 * ``O_DIRECT`` needs offset, length and buffer aligned to 512 bytes here. Bundles are not (a
   SmolLM2 gated bundle is 3456 bytes), so the reader reads aligned ranges that cover the wanted
-  bundles, planned by :mod:`llmflash.storage.planner`, into one reusable staging buffer, then
+  bundles, planned by :mod:`llmflash.runtime.read_planner`, into one reusable staging buffer, then
   gathers the bundles out with a single vectorised numpy operation.
 * Where a filesystem refuses ``O_DIRECT`` the reader falls back to buffered ``preadv`` and drops the
   pages it read with ``posix_fadvise(DONTNEED)``, which on these machines really makes the next
@@ -40,8 +40,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage.kernel_aio import KernelAIO, kernel_aio_available
-from llmflash.storage.planner import DeviceProfile, ReadPlan, load_default_profile, plan_reads
+from llmflash.runtime.kernel_aio import KernelAIO, kernel_aio_available
+from llmflash.runtime.read_planner import DeviceProfile, ReadPlan, load_default_profile, plan_reads
 
 logger = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from llmflash.cache.neuron_cache import NeuronCache
-from llmflash.engine.ffn import BundleSlices, activate, ffn_from_rows
-from llmflash.engine.memory import MemoryPlan
+from llmflash.runtime.neuron_cache import NeuronCache
+from llmflash.runtime.ffn import BundleSlices, activate, ffn_from_rows
+from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
-from llmflash.storage.direct_io import FlashFile, FlashReader, aligned_empty
-from llmflash.storage.layout import NUMPY_VIEW, FlashModelDir
+from llmflash.runtime.reader import FlashFile, FlashReader, aligned_empty
+from llmflash.format.layout import NUMPY_VIEW, FlashModelDir
 
 PREFILL_CHUNK_BYTES = 4 << 20  # bundles streamed per read while processing a prompt
 

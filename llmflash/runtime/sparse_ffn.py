@@ -23,10 +23,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from llmflash.engine.ffn import BundleSlices, ffn_intermediate
+from llmflash.runtime.ffn import BundleSlices, ffn_intermediate
 from llmflash.errors import LLMFlashError
-from llmflash.sparsity.common import RELU_ACTS, slot_order
-from llmflash.storage.layout import FlashModelDir
+from llmflash.runtime.layer_weights import RELU_ACTS, slot_order
+from llmflash.format.layout import FlashModelDir
 
 MODES = ("none", "oracle", "predictor")
 
@@ -116,7 +116,7 @@ class SparseFFN:
 
     def _relu_gate_mask(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         s = self.slices
-        from llmflash.engine.ffn import activate
+        from llmflash.runtime.ffn import activate
 
         gate = torch.nn.functional.linear(x, rows[:, s.gate],
                                           None if s.gate_bias is None else rows[:, s.gate_bias].reshape(-1))
@@ -124,7 +124,7 @@ class SparseFFN:
 
     def _cats_mask(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         s = self.slices
-        from llmflash.engine.ffn import activate
+        from llmflash.runtime.ffn import activate
 
         gate = torch.nn.functional.linear(x, rows[:, s.gate],
                                           None if s.gate_bias is None else rows[:, s.gate_bias].reshape(-1))
@@ -141,12 +141,12 @@ def sparse_ffn_factory(mode: str, criterion: str | None = None,
         raise LLMFlashError(f"unknown --sparsity {mode!r}; choose one of {', '.join(MODES)}")
 
     def factory(model_dir: FlashModelDir, dtype: torch.dtype) -> SparseFFN:
-        from llmflash.sparsity.store import STATS_FILE, SparsityStore
+        from llmflash.format.sparsity_store import STATS_FILE, SparsityStore
 
         thresholds, crit, predictors = None, criterion or "glu", None
         relu = model_dir.config.hidden_act in RELU_ACTS
         if mode == "predictor":
-            from llmflash.sparsity.predictor import PredictorSet
+            from llmflash.runtime.predictors import PredictorSet
 
             predictors = PredictorSet.load(model_dir)
             if budget is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmflash.storage.layout import BundleLayout
+from llmflash.format.layout import BundleLayout
 
 
 def activate(x: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """``llmflash probe-disk [PATH]``: measure the disk's random-read behaviour and fit the cost model.
 
 The read planner decides whether to merge neighbouring bundles from ``a/N + s0 + bytes/B``
-(:class:`~llmflash.storage.planner.DeviceProfile`). Those three numbers differ by machine (an M1
+(:class:`~llmflash.runtime.read_planner.DeviceProfile`). Those three numbers differ by machine (an M1
 SSD, a cloud virtio disk and a laptop NVMe are worlds apart), so this command measures them where
 the model will live: random O_DIRECT reads over chunk sizes 4 KiB..1 MiB and 1..64 reads in flight
 (the paper's Figure 2b grid), a least-squares fit of time per read, and the fitted profile saved
-where :func:`~llmflash.storage.planner.load_default_profile` finds it.
+where :func:`~llmflash.runtime.read_planner.load_default_profile` finds it.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage.direct_io import FlashFile, aligned_empty
-from llmflash.storage.kernel_aio import KernelAIO, kernel_aio_available
-from llmflash.storage.planner import DeviceProfile, default_profile_path
+from llmflash.runtime.reader import FlashFile, aligned_empty
+from llmflash.runtime.kernel_aio import KernelAIO, kernel_aio_available
+from llmflash.runtime.read_planner import DeviceProfile, default_profile_path
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -470,7 +470,7 @@ def _write_json(path: Path, report: dict[str, object]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llmflash.storage.probe`` (the same as ``llmflash probe-disk``)."""
+    """``python -m llmflash.tools.probe_disk`` (the same as ``llmflash probe-disk``)."""
     parser = argparse.ArgumentParser(prog="llmflash probe-disk", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:

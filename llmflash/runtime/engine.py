@@ -6,7 +6,6 @@ the mode (dense here; sparse and flash providers come from their own modules).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,13 +13,13 @@ from typing import Callable
 
 import torch
 
-from llmflash.engine.ffn import DenseFFN
-from llmflash.engine.sampling import sample
+from llmflash.runtime.ffn import DenseFFN
+from llmflash.runtime.sampling import sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
-from llmflash.models.common import FFNProvider, KVCache
-from llmflash.storage.layout import TOKENIZER_FILE, FlashModelDir
-from llmflash.tokenizer import Tokenizer
+from llmflash.models.base import FFNProvider, KVCache
+from llmflash.format.layout import TOKENIZER_FILE, FlashModelDir
+from llmflash.runtime.tokenizer import Tokenizer
 
 
 @dataclass

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from llmflash.engine.memory import model_weight_bytes, parse_budget
+from llmflash.runtime.memory_plan import model_weight_bytes, parse_budget
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FlashModelDir
-from llmflash.storage.planner import load_default_profile
+from llmflash.format.layout import FlashModelDir
+from llmflash.runtime.read_planner import load_default_profile
 
 BENCH_TEXT = (
     "The history of computing is a history of memory. Early machines kept their programs on "
@@ -60,8 +60,8 @@ FIXED_OVERHEAD_BYTES = 96 << 20
 def runtime_overhead_bytes() -> int:
     """Peak RSS of a process that imported the runtime but loaded no model (measured, not assumed)."""
     code = ("import torch, numpy, safetensors, tokenizers, jinja2, tqdm, llmflash.cli, "
-            "llmflash.tokenizer, llmflash.engine.flash, llmflash.sparsity.predictor, "
-            "llmflash.engine.runtime as r; print(r.peak_rss_bytes())")
+            "llmflash.runtime.tokenizer, llmflash.runtime.providers, llmflash.runtime.predictors, "
+            "llmflash.runtime.engine as r; print(r.peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
@@ -168,7 +168,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           threads: int = 32, reader: str = "auto", sparsity_budget: float | None = None,
           progress=print) -> dict:
     model_dir = FlashModelDir(model)
-    from llmflash.engine.runtime import load_tokenizer
+    from llmflash.runtime.engine import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     if tok is not None:
@@ -190,7 +190,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
         started = time.perf_counter()
         limit = budget + overhead + FIXED_OVERHEAD_BYTES if (limit_memory and mode != "dense") else None
         if limit is not None and mode == "flash" and sparsity == "oracle":
-            from llmflash.engine.flash import oracle_nbytes
+            from llmflash.runtime.providers import oracle_nbytes
 
             limit += oracle_nbytes(model_dir, torch.float32)  # the instrument, outside the budget
         extra = ("--threads", str(threads), "--reader", reader)

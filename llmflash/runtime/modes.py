@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmflash.engine.memory import plan_memory
+from llmflash.runtime.memory_plan import plan_memory
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FlashModelDir
+from llmflash.format.layout import FlashModelDir
 
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
 PREDICTOR_DTYPE = torch.float16
@@ -38,12 +38,12 @@ class RunOptions:
 def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str,
                   budget: float | None = None):
     if sparsity == "oracle":
-        from llmflash.engine.flash import OracleSelector
+        from llmflash.runtime.providers import OracleSelector
 
         return OracleSelector(model_dir, dtype)
     if sparsity == "predictor":
         try:
-            from llmflash.sparsity.predictor import PredictorSet
+            from llmflash.runtime.predictors import PredictorSet
         except ImportError:  # pragma: no cover - the sparsity package ships with llmflash
             raise LLMFlashError("predictors are not available in this build") from None
         # Held at float16, the precision they are stored in: half the DRAM of float32 for the
@@ -66,9 +66,9 @@ def ffn_factory(options: RunOptions):
         raise LLMFlashError("--window must be at least 1")
 
     def build(model_dir: FlashModelDir, dtype: torch.dtype):
-        from llmflash.engine import flash
-        from llmflash.engine.runtime import dense_ffn
-        from llmflash.storage.direct_io import FlashReader
+        from llmflash.runtime import providers as flash
+        from llmflash.runtime.engine import dense_ffn
+        from llmflash.runtime.reader import FlashReader
 
         if options.mode == "dense":
             return dense_ffn(model_dir, dtype)

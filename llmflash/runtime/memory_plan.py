@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llmflash.errors import LLMFlashError
-from llmflash.storage.layout import FlashModelDir
+from llmflash.format.layout import FlashModelDir
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

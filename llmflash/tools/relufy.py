@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmflash.engine.ffn import BundleSlices, activate, ffn_intermediate
-from llmflash.engine.runtime import load_tokenizer
+from llmflash.runtime.ffn import BundleSlices, activate, ffn_intermediate
+from llmflash.runtime.engine import load_tokenizer
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
-from llmflash.sparsity.common import layer_weights, read_text
-from llmflash.storage.layout import FlashModelDir
+from llmflash.runtime.layer_weights import layer_weights
+from llmflash.tools.text import read_text
+from llmflash.format.layout import FlashModelDir
 
 
 @dataclass

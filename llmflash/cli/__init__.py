@@ -61,7 +61,7 @@ def _add_generate_args(p: argparse.ArgumentParser, prompt: bool = True) -> None:
 
 
 def _add_mode_args(p: argparse.ArgumentParser, mode: bool = True) -> None:
-    from llmflash.engine.modes import MODES, SPARSITY
+    from llmflash.runtime.modes import MODES, SPARSITY
 
     if mode:
         p.add_argument("--mode", default="dense", choices=MODES,
@@ -107,7 +107,7 @@ def _prompt_ids(engine, args: argparse.Namespace) -> list[int]:
 
 
 def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> int:
-    from llmflash.tokenizer import StreamDecoder
+    from llmflash.runtime.tokenizer import StreamDecoder
 
     stream = None
     if not args.json and engine.tokenizer is not None:
@@ -122,7 +122,7 @@ def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> i
                              stop_at_eos=not args.ignore_eos)
     timing = result.timing()
     if args.json:
-        from llmflash.engine.runtime import peak_rss_bytes
+        from llmflash.runtime.engine import peak_rss_bytes
 
         out = {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids, "text": result.text,
                "finish_reason": result.finish_reason, "mode": args.mode, "timing": timing,
@@ -140,7 +140,7 @@ def run_generation(engine, prompt_ids: list[int], args: argparse.Namespace) -> i
               f"{'n/a' if tps is None else f'{tps:.1f}'} tokens/s decode; stop: {result.finish_reason}]",
               file=sys.stderr)
         if args.stats:
-            from llmflash.engine.report import stats_table
+            from llmflash.cli.report import stats_table
 
             print(stats_table(result.stats, args.mode), file=sys.stderr)
     return 0
@@ -153,13 +153,13 @@ def _dtype(name: str):
 
 
 def make_engine(model: Path, args: argparse.Namespace):
-    from llmflash.engine.modes import RunOptions, ffn_factory
-    from llmflash.engine.runtime import Engine
+    from llmflash.runtime.modes import RunOptions, ffn_factory
+    from llmflash.runtime.engine import Engine
 
     sparsity = args.sparsity or ("predictor" if args.mode == "flash" else "none")
     if args.mode == "dense" and sparsity != "none":
         # sparse execution in DRAM: the FFN computed over the selected neurons only
-        from llmflash.sparsity.sparse_ffn import sparse_ffn_factory
+        from llmflash.runtime.sparse_ffn import sparse_ffn_factory
 
         return Engine(model, dtype=_dtype(args.dtype),
                       ffn=sparse_ffn_factory(sparsity, budget=args.sparsity_budget))
@@ -181,7 +181,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from llmflash.storage.layout import FlashModelDir
+    from llmflash.format.layout import FlashModelDir
 
     model = FlashModelDir(args.model)
     problems = model.verify(progress=sys.stderr.isatty())
@@ -220,7 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     del engine
     if status or args.bench_tokens <= 0 or args.json:
         return status
-    from llmflash.engine import bench
+    from llmflash.tools import bench
 
     print(f"\ncomparing flash with the baselines at {args.memory} ({args.bench_tokens} tokens each, "
           "one process per mode, page cache dropped) ...", file=sys.stderr)
@@ -239,7 +239,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def model_is_dense_silu(model: Path) -> bool:
-    from llmflash.storage.layout import FlashModelDir
+    from llmflash.format.layout import FlashModelDir
 
     return FlashModelDir(model).config.hidden_act == "silu"
 
@@ -260,7 +260,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llmflash.engine import bench
+    from llmflash.tools import bench
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     result = bench.bench(args.model, memory=args.memory, window=args.window, tokens=args.tokens,
@@ -288,7 +288,7 @@ def _add_reorder(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reorder(args: argparse.Namespace) -> int:
-    from llmflash.storage.reorder import reorder
+    from llmflash.tools.reorder import reorder
 
     model = reorder(args.model, args.text, args.tokens)
     print(f"reordered {len(model.layers)} layers of {model.path}; bundles now in {model.ffn_path.name}")
@@ -297,7 +297,7 @@ def cmd_reorder(args: argparse.Namespace) -> int:
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe-disk", help="measure random-read throughput and save the device profile")
-    from llmflash.storage import probe
+    from llmflash.tools import probe_disk as probe
 
     probe.add_arguments(p)
     p.set_defaults(func=probe.run)
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_convert, _add_generate, _add_verify, _add_bench, _add_reorder,
                 _add_probe):
         add(sub)
-    from llmflash.sparsity.commands import register
+    from llmflash.cli.sparsity import register
 
     register(sub)  # calibrate, train-predictors, eval, relufy
     return parser
