@@ -8,8 +8,6 @@ the single seam through which the paper's method plugs into an otherwise ordinar
 from __future__ import annotations
 
 import math
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
@@ -17,10 +15,48 @@ from llmflash.config import ModelConfig
 from llmflash.errors import LLMFlashError
 
 
-class FFNProvider(Protocol):
-    """Computes layer `layer`'s FFN (without the output bias) for inputs x: [tokens, hidden]."""
+class FFNProvider:
+    """The seam between a decoder and the paper's method: computes layer `layer`'s FFN (without
+    the output bias) for inputs x: [tokens, hidden].
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+    The decoder calls `begin_pass(tokens)` once at the start of every forward pass (a prompt or one
+    decode step), then `__call__` once per layer. Providers that read from flash log per-pass
+    counters and return them from `token_log()`; `summary()` adds provider-wide figures to a
+    generation's stats. Subclasses override what they need; the defaults do nothing.
+    """
+
+    def begin_pass(self, tokens: int) -> None:
+        """A forward pass over `tokens` new positions starts."""
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_log(self):
+        """Per-pass counters (runtime.providers.TokenLog) or None when the provider does no I/O."""
+        return None
+
+    def summary(self) -> dict:
+        """Provider-wide figures reported with a generation's stats (cache sizes, selector...)."""
+        return {}
+
+    def begin_generation(self) -> None:
+        """A new sequence starts: per-pass counters restart."""
+
+
+class ObservedFFN(FFNProvider):
+    """Wraps a provider and shows every layer's FFN input to `observe` first (tools that record
+    activations or inputs use it instead of replacing the model's provider with a function)."""
+
+    def __init__(self, inner: FFNProvider, observe):
+        self.inner = inner
+        self.observe = observe
+
+    def begin_pass(self, tokens: int) -> None:
+        self.inner.begin_pass(tokens)
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        self.observe(layer, x)
+        return self.inner(layer, x)
 
 
 class Decoder:

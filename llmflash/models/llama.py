@@ -39,6 +39,7 @@ class LlamaModel(Decoder):
         """Logits for ids ([T] int64) placed after the cache's current content."""
         c, w = self.config, self.w
         start = cache.length
+        self.ffn.begin_pass(ids.shape[0])
         x = self.embed[ids]
         for layer in range(c.num_layers):
             p = f"model.layers.{layer}."

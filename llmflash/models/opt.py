@@ -44,6 +44,7 @@ class OPTModel(Decoder):
         c, w = self.config, self.w
         d = "model.decoder."
         start = cache.length
+        self.ffn.begin_pass(ids.shape[0])
         x = self.embed[ids]
         if c.word_embed_proj_dim:
             x = linear(x, w[d + "project_in.weight"])

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from llmflash.runtime.ffn import DenseFFN
-from llmflash.runtime.sampling import sample
+from llmflash.runtime.sampling import check_sampling, sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
 from llmflash.models.base import FFNProvider, KVCache
@@ -27,7 +27,7 @@ class GenerationResult:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str  # "eos", "length" (max_new_tokens) or "context" (context window full)
+    finish_reason: str  # "eos", "length" (max_new_tokens), "context" (context full) or "stop" (a stop string)
     prefill_s: float
     decode_s: list[float] = field(default_factory=list)  # seconds per generated token
     stats: dict = field(default_factory=dict)  # bytes, reads, latency split per token
@@ -80,7 +80,7 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
     without a log (dense) did no I/O after loading: all of a step is compute.
     """
     steps = [prefill_s] + list(decode_s)
-    log = getattr(ffn, "log", None)
+    log = ffn.token_log()
     if log is None or not log.io_s:
         zeros = [0.0] * len(steps)
         io, mem, sel, nbytes, reads = zeros, zeros, zeros, [0] * len(steps), [0] * len(steps)
@@ -103,8 +103,7 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
         "ffn_bytes_read": int(sum(nbytes[:n])), "reads": int(sum(reads[:n])),
     }
     out.update({k: v[: n - 1] for k, v in extra.items()})
-    if hasattr(ffn, "stats"):
-        out.update(ffn.stats())
+    out.update(ffn.summary())
     return out
 
 
@@ -161,43 +160,72 @@ class Engine:
         cache = cache or self.model.new_cache(len(ids))
         return self.model.forward(torch.tensor(ids, dtype=torch.long), cache)
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None,
-                 on_token: Callable[[int], None] | None = None,
-                 stop_at_eos: bool = True) -> GenerationResult:
+    def decode(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = True,
+               result: GenerationResult | None = None) -> Iterator[int]:
+        """Yield generated token ids one at a time; `result` is filled in as they come.
+
+        A generator so that a caller (a stream, a server whose client went away) can stop early:
+        closing it ends the decode loop at once, and `result` then holds what was generated with
+        its stats. The caller decides what else ends generation (stop strings); eos, length and a
+        full context end it here.
+        """
         self.check_prompt(prompt_ids)
+        check_sampling(temperature, top_p)
         if max_new_tokens < 1:
-            raise LLMFlashError("--max-new-tokens must be at least 1")
+            raise LLMFlashError("max_new_tokens must be at least 1")
+        result = result if result is not None else GenerationResult(list(prompt_ids), [], "", "length", 0.0)
+        result.prompt_ids = list(prompt_ids)
+        return self._decode(result, max_new_tokens, temperature, top_p, seed, stop_at_eos)
+
+    def _decode(self, result: GenerationResult, max_new_tokens: int, temperature: float, top_p: float,
+                seed: int | None, stop_at_eos: bool) -> Iterator[int]:
+        prompt_ids = result.prompt_ids
         max_len = min(self.context, len(prompt_ids) + max_new_tokens)
         cache = self.model.new_cache(max_len)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = set(self.tokenizer.eos_ids if self.tokenizer else self.config.eos_token_id)
+        self.ffn_begin_generation()
+        try:
+            with torch.inference_mode():
+                started = time.perf_counter()
+                logits = self.model.forward(torch.tensor(prompt_ids, dtype=torch.long), cache, last_only=True)
+                token = sample(logits[-1], temperature, top_p, generator)
+                result.prefill_s = time.perf_counter() - started
+                result.decode_s = [result.prefill_s]
+                while True:
+                    result.token_ids.append(token)
+                    yield token
+                    if stop_at_eos and token in eos:
+                        result.finish_reason = "eos"
+                        break
+                    if len(result.token_ids) >= max_new_tokens:
+                        break
+                    if cache.length >= cache.max_len:
+                        result.finish_reason = "context"
+                        break
+                    t0 = time.perf_counter()
+                    logits = self.model.forward(torch.tensor([token], dtype=torch.long), cache)
+                    token = sample(logits[-1], temperature, top_p, generator)
+                    result.decode_s.append(time.perf_counter() - t0)
+        finally:
+            if self.tokenizer is not None:
+                result.text = self.tokenizer.decode(result.token_ids)
+            result.stats = token_stats(self.ffn, result.prefill_s, result.decode_s[1:])
+            # Everything this process read from storage since the engine started, resident load included.
+            result.stats["bytes_read"] = process_read_bytes() - self.read_bytes_at_start
 
-        started = time.perf_counter()
-        logits = self.model.forward(torch.tensor(prompt_ids, dtype=torch.long), cache, last_only=True)
-        token = sample(logits[-1], temperature, top_p, generator)
-        prefill_s = time.perf_counter() - started
-        result = GenerationResult(list(prompt_ids), [], "", "length", prefill_s, [prefill_s])
-        while True:
-            result.token_ids.append(token)
+    def ffn_begin_generation(self) -> None:
+        """Tell the FFN provider a new sequence starts (its per-token log restarts)."""
+        self.ffn.begin_generation()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None,
+                 on_token: Callable[[int], None] | None = None,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        """Generate to the end (eos, length or context), calling on_token for each token."""
+        result = GenerationResult(list(prompt_ids), [], "", "length", 0.0)
+        for token in self.decode(prompt_ids, max_new_tokens, temperature, top_p, seed, stop_at_eos, result):
             if on_token:
                 on_token(token)
-            if stop_at_eos and token in eos:
-                result.finish_reason = "eos"
-                break
-            if len(result.token_ids) >= max_new_tokens:
-                break
-            if cache.length >= cache.max_len:
-                result.finish_reason = "context"
-                break
-            t0 = time.perf_counter()
-            logits = self.model.forward(torch.tensor([token], dtype=torch.long), cache)
-            token = sample(logits[-1], temperature, top_p, generator)
-            result.decode_s.append(time.perf_counter() - t0)
-        if self.tokenizer is not None:
-            result.text = self.tokenizer.decode(result.token_ids)
-        result.stats = token_stats(self.ffn, result.prefill_s, result.decode_s[1:])
-        # Everything this process read from storage since the engine started, resident load included.
-        result.stats["bytes_read"] = process_read_bytes() - self.read_bytes_at_start
         return result

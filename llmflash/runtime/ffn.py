@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llmflash.format.layout import BundleLayout
+from llmflash.models.base import FFNProvider
 
 
 def activate(x: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
@@ -57,7 +58,7 @@ def ffn_from_rows(x: torch.Tensor, rows: torch.Tensor, s: BundleSlices, act: str
     return h @ rows[:, s.down]
 
 
-class DenseFFN:
+class DenseFFN(FFNProvider):
     """Every layer's bundles held in DRAM: the speed ceiling when memory is plentiful."""
 
     def __init__(self, layers: list[torch.Tensor], layout: BundleLayout, act: str, threshold: float):

@@ -29,6 +29,7 @@ from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
 from llmflash.runtime.reader import FlashFile, FlashReader, aligned_empty
 from llmflash.format.layout import NUMPY_VIEW, FlashModelDir
+from llmflash.models.base import FFNProvider
 
 PREFILL_CHUNK_BYTES = 4 << 20  # bundles streamed per read while processing a prompt
 
@@ -136,7 +137,7 @@ class TokenLog:
             getattr(self, key)[-1] += value
 
 
-class _FlashBacked:
+class _FlashBacked(FFNProvider):
     """Shared plumbing: the FFN file opened for direct I/O, a reader, a log, the bundle dtype."""
 
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, reader: FlashReader | None):
@@ -149,6 +150,15 @@ class _FlashBacked:
         self.reader = reader or FlashReader()
         self.bundle_bytes = model_dir.bundle.nbytes
         self.log = TokenLog()
+
+    def begin_pass(self, tokens: int) -> None:
+        self.log.start()
+
+    def begin_generation(self) -> None:
+        self.log = TokenLog()
+
+    def token_log(self) -> "TokenLog":
+        return self.log
 
     def _as_rows(self, raw: np.ndarray) -> torch.Tensor:
         return self.dir.bundles_from_bytes(raw)
@@ -227,8 +237,6 @@ class FlashFFN(_FlashBacked):
             self.caches[layer].fill(plan, self._as_rows(raw))
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if layer == 0:
-            self.log.start()
         if x.shape[0] > 1:
             return self._prompt(layer, x)
         t0 = time.perf_counter()
@@ -301,7 +309,7 @@ class FlashFFN(_FlashBacked):
         self._admit(layer, ids)
         return y
 
-    def stats(self) -> dict:
+    def summary(self) -> dict:
         return {"selector": getattr(self.selector, "name", "predictor"),
                 "selector_bytes": self.selector.nbytes(),
                 "window": self.window, "memory_plan": self.plan.to_dict(),
@@ -323,18 +331,16 @@ class NaiveFFN(_FlashBacked):
         self.buffer = aligned_empty(largest + 4096)
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if layer == 0:
-            self.log.start()
         rows = self.resident.get(layer)
         if rows is None:
             rows = self._layer_rows(layer, self.buffer)
         return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
 
-    def stats(self) -> dict:
+    def summary(self) -> dict:
         return {"resident_ffn_layers": len(self.resident), "direct_io": self.file.direct}
 
 
-class MmapFFN:
+class MmapFFN(FFNProvider):
     """Baseline: ffn.bin memory-mapped and left to the OS page cache, as llama.cpp does.
 
     Settings: a plain read-only shared mapping with the kernel's default read-ahead and no
@@ -360,9 +366,16 @@ class MmapFFN:
             self.layers.append(arr)
         self.log = TokenLog()
 
+    def begin_pass(self, tokens: int) -> None:
+        self.log.start()
+
+    def begin_generation(self) -> None:
+        self.log = TokenLog()
+
+    def token_log(self) -> "TokenLog":
+        return self.log
+
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if layer == 0:
-            self.log.start()
         import warnings
 
         with warnings.catch_warnings():
@@ -373,5 +386,5 @@ class MmapFFN:
         rows = rows.to(self.dtype)
         return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
 
-    def stats(self) -> dict:
+    def summary(self) -> dict:
         return {"mmap": "MAP_SHARED read-only, default read-ahead, no madvise"}

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from llmflash.errors import LLMFlashError
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse values torch would turn into a crash or silently misuse (nan, negative, p outside (0, 1])."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise LLMFlashError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise LLMFlashError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

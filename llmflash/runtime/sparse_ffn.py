@@ -27,11 +27,12 @@ from llmflash.runtime.ffn import BundleSlices, ffn_intermediate
 from llmflash.errors import LLMFlashError
 from llmflash.runtime.layer_weights import RELU_ACTS, slot_order
 from llmflash.format.layout import FlashModelDir
+from llmflash.models.base import FFNProvider
 
 MODES = ("none", "oracle", "predictor")
 
 
-class SparseFFN:
+class SparseFFN(FFNProvider):
     """All FFN bundles in DRAM (slot order); per call, the FFN over the selected rows only."""
 
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, mode: str,

@@ -25,6 +25,7 @@ from llmflash.runtime.layer_weights import is_relu, layer_weights
 from llmflash.tools.text import text_windows, window_nll
 from llmflash.runtime.sparse_ffn import SparseFFN
 from llmflash.format.sparsity_store import PREDICTORS_FILE, STATS_FILE, SparsityStore
+from llmflash.models.base import ObservedFFN
 
 MAX_K = 8
 SKIP = 8
@@ -121,13 +122,7 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
         ffn.mode = mode
         ffn.reset_stats()
         observe = mode == "none" and can_score
-        inner = ffn.__call__
-
-        def observed(layer, x, _inner=inner):
-            scorer(layer, x)
-            return _inner(layer, x)
-
-        engine.model.ffn = observed if observe else ffn
+        engine.model.ffn = ObservedFFN(ffn, scorer) if observe else ffn
         nll, n = 0.0, 0
         for w in tqdm(windows, desc=f"eval {key}", unit="window", disable=not progress):
             s, c = window_nll(engine.logits(w), w)

@@ -39,6 +39,7 @@ from llmflash.models import build_model
 from llmflash.runtime.layer_weights import layer_weights
 from llmflash.tools.text import read_text
 from llmflash.format.layout import FlashModelDir
+from llmflash.models.base import FFNProvider, ObservedFFN
 
 
 @dataclass
@@ -70,7 +71,7 @@ class _NoCache:
         return k, v
 
 
-class _StudentFFN:
+class _StudentFFN(FFNProvider):
     """Trainable bundles (neuron order) through the engine's own FFN code; counts exact zeros."""
 
     def __init__(self, rows: list[torch.Tensor], slices: BundleSlices, act: str, threshold: float):
@@ -199,12 +200,7 @@ def _refit_down(teacher, teacher_ffn, student_ffn: _StudentFFN, windows, ridge: 
     L = len(student_ffn.rows)
     xs: list[list[torch.Tensor]] = [[] for _ in range(L)]
     inner = teacher.ffn
-
-    def capture(layer, x):
-        xs[layer].append(x.detach())
-        return inner(layer, x)
-
-    teacher.ffn = capture
+    teacher.ffn = ObservedFFN(inner, lambda layer, x: xs[layer].append(x.detach()))
     with torch.no_grad():
         for w in windows:
             teacher.forward(torch.tensor(w), _NoCache())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from llmflash.models.base import ObservedFFN
 from llmflash.runtime.ffn import ffn_intermediate
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FFN_FILE, MANIFEST, FlashModelDir, align_up, sha256_file
@@ -40,7 +41,7 @@ def activation_trace(engine, ids: list[int], sparsity: float = 0.5) -> list[np.n
     trace: list[list[np.ndarray]] = [[] for _ in range(engine.config.num_layers)]
     exact = engine.config.hidden_act in ("relu", "fatrelu")
 
-    def recording(layer: int, x: torch.Tensor) -> torch.Tensor:
+    def record(layer: int, x: torch.Tensor) -> None:
         h = ffn_intermediate(x, ffn.layers[layer], ffn.slices, ffn.act, ffn.threshold)
         if exact:
             active = h != 0
@@ -48,9 +49,8 @@ def activation_trace(engine, ids: list[int], sparsity: float = 0.5) -> list[np.n
             mag = h.abs()
             active = mag > torch.quantile(mag.float(), sparsity, dim=1, keepdim=True)
         trace[layer].append(active.numpy())
-        return ffn(layer, x)
 
-    engine.model.ffn = recording
+    engine.model.ffn = ObservedFFN(ffn, record)
     try:
         window = engine.context - 1
         for start in tqdm(range(0, len(ids), window), desc="trace", unit="window",

@@ -9,6 +9,7 @@ import torch
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
 from llmflash.runtime.tokenizer import Tokenizer
+from llmflash.models.base import FFNProvider
 
 
 # -- text --------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def text_windows(model_dir: FlashModelDir, tokenizer: Tokenizer | None, path: Pa
 
 
 # -- FFN input capture -------------------------------------------------------------------------------
-class CapturingFFN:
+class CapturingFFN(FFNProvider):
     """Wraps an FFN provider and keeps a copy of every layer's FFN input (float16 by default)."""
 
     def __init__(self, inner, num_layers: int, store_dtype: torch.dtype = torch.float16):
@@ -65,6 +66,9 @@ class CapturingFFN:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.store_dtype = store_dtype
         self.enabled = True
+
+    def begin_pass(self, tokens: int) -> None:
+        self.inner.begin_pass(tokens)
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.enabled:
