@@ -14,6 +14,7 @@ import shutil
 import struct
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,9 +22,11 @@ from tqdm import tqdm
 
 from llmflash import __version__
 from llmflash.config import ModelConfig, config_from_hf
-from llmflash.convert.source import ModelSource
+from llmflash.convert.source import ModelSource, TokenizerSpec
 from llmflash.errors import LLMFlashError
 from llmflash.models.names import ffn_tensor_names, normalise_name, resident_tensor_names
+from llmflash.format.integrity import write_bundle_checks
+from llmflash.format.tempfiles import remove_stale
 from llmflash.format.layout import (
     ALIGNMENT,
     DTYPES,
@@ -66,6 +69,13 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def _byte_view(data) -> memoryview:
+    """Any C-contiguous buffer (bytes, numpy array, CPU tensor) seen as raw bytes."""
+    if isinstance(data, torch.Tensor):
+        data = _tensor_bytes(data)
+    return memoryview(data).cast("B")
+
+
 class _HashingWriter:
     """A file opened for writing that hashes what passes through it."""
 
@@ -74,10 +84,12 @@ class _HashingWriter:
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
+    def write(self, data) -> int:
+        view = _byte_view(data)
+        self.f.write(view)
+        self.sha.update(view)
+        self.size += view.nbytes
+        return view.nbytes
 
     def close(self) -> dict:
         self.f.flush()
@@ -91,20 +103,25 @@ def _resident_dtype(shape: tuple[int, ...], dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if len(shape) <= 1 else dtype
 
 
-def _write_resident(
-    path: Path, source: ModelSource, names: dict[str, str], dtype: torch.dtype, bar: tqdm
-) -> dict:
+# What a model's tensors are made of, for write_model_dir: the resident tensors as (name, shape)
+# in file order with a function giving each one's bytes in pieces (rows in order) at the dtype it
+# is stored in, and a function giving one FFN layer's bundles in pieces (neurons in order).
+ResidentChunks = Callable[[str, tuple, torch.dtype], Iterable]
+LayerChunks = Callable[[int], Iterable]
+
+
+def _write_resident(path: Path, plan: list[tuple[str, tuple]], chunks: ResidentChunks,
+                    dtype: torch.dtype, bar: tqdm) -> dict:
     """A safetensors file written tensor by tensor (the header is computed from shapes first)."""
     header: dict[str, dict] = {}
     offset = 0
-    plan = []
-    for ours, theirs in names.items():
-        shape = tuple(source.tensor_shape(theirs))
+    sized = []
+    for name, shape in plan:
         tdtype = _resident_dtype(shape, dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=tdtype).element_size()
-        header[ours] = {"dtype": _ST_NAMES[tdtype], "shape": list(shape),
+        header[name] = {"dtype": _ST_NAMES[tdtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
-        plan.append((ours, theirs, shape, tdtype, nbytes))
+        sized.append((name, shape, tdtype, nbytes))
         offset += nbytes
     header["__metadata__"] = {"format": "pt", "writer": f"llmflash {__version__}"}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -112,16 +129,113 @@ def _write_resident(
     out = _HashingWriter(path)
     out.write(struct.pack("<Q", len(header_bytes)))
     out.write(header_bytes)
-    for ours, theirs, shape, tdtype, nbytes in plan:
-        t = source.read_tensor(theirs)
-        if tuple(t.shape) != shape:
-            raise LLMFlashError(f"tensor {theirs} in {source.path} has shape {tuple(t.shape)}, header says {shape}")
-        data = _tensor_bytes(t.to(tdtype))
-        assert len(data) == nbytes
-        out.write(data)
-        bar.update(len(data))
-        del t, data
+    for name, shape, tdtype, nbytes in sized:
+        written = 0
+        for piece in chunks(name, shape, tdtype):
+            n = out.write(piece)
+            written += n
+            bar.update(n)
+        assert written == nbytes, (name, written, nbytes)
     return out.close()
+
+
+def _write_ffn(path: Path, num_layers: int, neurons: int, layer_chunks: LayerChunks,
+               bar: tqdm) -> tuple[dict, list[dict]]:
+    """ffn.bin: each layer's bundles in one 4096-aligned region, hashed per layer and whole."""
+    out = _HashingWriter(path)
+    regions = []
+    for layer in range(num_layers):
+        offset = align_up(out.size)
+        if offset > out.size:
+            out.write(b"\0" * (offset - out.size))
+        sha = hashlib.sha256()
+        size = 0
+        for piece in layer_chunks(layer):
+            view = _byte_view(piece)
+            out.write(view)
+            sha.update(view)
+            size += view.nbytes
+            bar.update(view.nbytes)
+        regions.append({"offset": offset, "neurons": neurons, "bytes": size,
+                        "sha256": sha.hexdigest(), "order": None})
+    out.write(b"\0" * (align_up(out.size) - out.size))
+    return out.close(), regions
+
+
+def _write_tokenizer(directory: Path, tok: TokenizerSpec, files: dict) -> dict:
+    """tokenizer.json (when there is one) and the manifest's tokenizer entry."""
+    entry: dict = {"file": None, "chat_template": tok.chat_template,
+                   "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    if tok.tokenizer_json is not None:
+        (directory / TOKENIZER_FILE).write_text(tok.tokenizer_json)
+        data = (directory / TOKENIZER_FILE).read_bytes()
+        files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        entry["file"] = TOKENIZER_FILE
+    return entry
+
+
+def check_destination(dst: Path, force: bool) -> None:
+    if Path(dst).exists() and not force:
+        raise LLMFlashError(f"{dst} already exists; pass --force to replace it")
+
+
+def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[tuple[str, tuple]],
+                    resident_chunks: ResidentChunks, layer_chunks: LayerChunks,
+                    tokenizer: TokenizerSpec, source: dict, extra: dict | None = None,
+                    progress: bool = True, desc: str = "convert") -> FlashModelDir:
+    """Write a model directory in the flash layout under a temporary name, renamed when complete.
+
+    `resident` lists the resident tensors (HF names, shapes) in file order; `resident_chunks` and
+    `layer_chunks` give their bytes piece by piece, so at most one piece is in memory at a time.
+    `extra` adds fields to the manifest (e.g. "synthetic").
+    """
+    dst = Path(dst)
+    torch_dtype = DTYPES[dtype]
+    bundle = bundle_layout_for(config, dtype)
+    remove_stale(dst.parent, f".{dst.name}.")  # left by a killed conversion (format/tempfiles.py)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        total = sum(int(np.prod(shape)) * torch.empty((), dtype=_resident_dtype(shape, torch_dtype))
+                    .element_size() for _, shape in resident)
+        total += config.num_layers * config.intermediate_size * bundle.nbytes
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
+        files: dict[str, dict] = {}
+        files[RESIDENT_FILE] = _write_resident(tmp / RESIDENT_FILE, resident, resident_chunks,
+                                               torch_dtype, bar)
+        files[FFN_FILE], regions = _write_ffn(tmp / FFN_FILE, config.num_layers,
+                                              config.intermediate_size, layer_chunks, bar)
+        # per-bundle digests for flash's scattered reads (format/integrity.py)
+        checks_file, files[checks_file], checks = write_bundle_checks(tmp, FFN_FILE, regions, bundle.nbytes)
+        bar.close()
+        tokenizer_entry = _write_tokenizer(tmp, tokenizer, files)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"llmflash {__version__}",
+            "source": source,
+            "dtype": dtype,
+            "config": config.to_dict(),
+            "files": files,
+            "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "bundle": bundle.to_dict(),
+                    "layers": regions, "checks": checks},
+            "tokenizer": tokenizer_entry,
+            **(extra or {}),
+            "conversion_seconds": round(time.perf_counter() - started, 3),
+        }
+        write_manifest(tmp, manifest)
+        _fsync_dir(tmp)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FlashModelDir(dst)
 
 
 def _layer_bundles(source: ModelSource, config: ModelConfig, layer: int, names: dict[str, str],
@@ -151,8 +265,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
         raise LLMFlashError(f"unsupported --dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise LLMFlashError(f"{dst} already exists; pass --force to replace it")
+    check_destination(dst, force)
     source = open_source(Path(src))
     config = config_from_hf(source.hf_config(), where=str(Path(src) / "config.json")
                             if Path(src).is_dir() else str(src))
@@ -170,74 +283,19 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
             "incomplete or not a supported architecture"
         )
 
-    bundle = bundle_layout_for(config, dtype)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    started = time.perf_counter()
-    try:
-        total = sum(
-            int(np.prod(source.tensor_shape(names[n]))) * torch.empty((), dtype=_resident_dtype(
-                tuple(source.tensor_shape(names[n])), torch_dtype)).element_size()
-            for n in resident
-        ) + config.num_layers * config.intermediate_size * bundle.nbytes
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {Path(src).name}",
-                   disable=not progress)
-        files: dict[str, dict] = {}
-        files[RESIDENT_FILE] = _write_resident(
-            tmp / RESIDENT_FILE, source, {n: names[n] for n in resident}, torch_dtype, bar)
+    def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
+        t = source.read_tensor(names[name])
+        if tuple(t.shape) != shape:
+            raise LLMFlashError(f"tensor {names[name]} in {source.path} has shape {tuple(t.shape)}, "
+                                f"header says {shape}")
+        yield _tensor_bytes(t.to(tdtype))
 
-        ffn_out = _HashingWriter(tmp / FFN_FILE)
-        regions = []
-        for layer in range(config.num_layers):
-            offset = align_up(ffn_out.size)
-            if offset > ffn_out.size:
-                ffn_out.write(b"\0" * (offset - ffn_out.size))
-            data = _tensor_bytes(_layer_bundles(source, config, layer, names, torch_dtype))
-            regions.append({"offset": offset, "neurons": config.intermediate_size,
-                            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                            "order": None})
-            ffn_out.write(data)
-            bar.update(len(data))
-            del data
-        pad = align_up(ffn_out.size) - ffn_out.size
-        ffn_out.write(b"\0" * pad)
-        files[FFN_FILE] = ffn_out.close()
-        bar.close()
-
-        tok = source.tokenizer()
-        tokenizer_entry: dict = {"file": None, "chat_template": tok.chat_template,
-                                 "bos_token": tok.bos_token, "eos_token": tok.eos_token}
-        if tok.tokenizer_json is not None:
-            (tmp / TOKENIZER_FILE).write_text(tok.tokenizer_json)
-            data = (tmp / TOKENIZER_FILE).read_bytes()
-            files[TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            tokenizer_entry["file"] = TOKENIZER_FILE
-
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created_by": f"llmflash {__version__}",
-            "source": {"path": str(Path(src).resolve()), "kind": "gguf" if Path(src).is_file() else "hf"},
-            "dtype": dtype,
-            "config": config.to_dict(),
-            "files": files,
-            "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "bundle": bundle.to_dict(),
-                    "layers": regions},
-            "tokenizer": tokenizer_entry,
-            "conversion_seconds": round(time.perf_counter() - started, 3),
-        }
-        write_manifest(tmp, manifest)
-        _fsync_dir(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-        _fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return FlashModelDir(dst)
+    return write_model_dir(
+        dst, config, dtype, [(n, tuple(source.tensor_shape(names[n]))) for n in resident],
+        resident_chunks, lambda layer: [_layer_bundles(source, config, layer, names, torch_dtype)],
+        source.tokenizer(),
+        {"path": str(Path(src).resolve()), "kind": "gguf" if Path(src).is_file() else "hf"},
+        progress=progress, desc=f"convert {Path(src).name}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -6,6 +6,7 @@ the mode (dense here; sparse and flash providers come from their own modules).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,20 @@ def dense_ffn(model_dir: FlashModelDir, dtype: torch.dtype) -> DenseFFN:
     return DenseFFN(layers, model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold)
 
 
+_NOTED_SYNTHETIC: set[str] = set()
+
+
+def note_if_synthetic(model_dir: FlashModelDir) -> None:
+    """Say once per process and model that a model from `llmflash synth` has random weights."""
+    synthetic = model_dir.manifest.get("synthetic")
+    key = str(model_dir.path.resolve())
+    if synthetic and key not in _NOTED_SYNTHETIC:
+        _NOTED_SYNTHETIC.add(key)
+        print(f"llmflash: note: {model_dir.path} is a synthetic model (random weights, "
+              f"{synthetic.get('preset')}, seed {synthetic.get('seed')}): its text is meaningless; "
+              "use it to measure speed and memory", file=sys.stderr)
+
+
 class Engine:
     """A model ready to run: config, tokenizer, resident weights and an FFN provider."""
 
@@ -131,6 +146,7 @@ class Engine:
         self.dir = FlashModelDir(path)
         self.config = self.dir.config
         self.dtype = dtype
+        note_if_synthetic(self.dir)
         self.tokenizer = load_tokenizer(self.dir)
         self.weights = self.dir.load_resident(dtype)
         self.ffn = (ffn or dense_ffn)(self.dir, dtype)

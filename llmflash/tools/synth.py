@@ -1,0 +1,334 @@
+"""`llmflash synth`: a model in the flash layout with a real architecture's shapes and random weights.
+
+No 7B checkpoint can be downloaded here, yet the runtime must be measured at the size it exists
+for. A synthetic model has exactly the tensors, shapes, bundle sizes and file layout that
+`llmflash convert` writes for the real model (it goes through the same writer: manifest,
+checksums, 4096-aligned layer regions, temporary directory renamed when complete), so the reader,
+memory planner, caches and compute do the same work on it. Only the values are random, so its
+text is meaningless (the manifest says `"synthetic"` and the engine says so once when loading).
+
+Presets are the published Hugging Face config.json values of the models, mapped by the normal
+config mapping; `--config FILE` takes any config of a supported architecture.
+
+Weights. Each tensor (each FFN layer's bundles) has its own random stream, PCG64 seeded from
+(seed, tensor name), drawn in row chunks of a few MiB, so peak memory is one chunk whatever the
+model size and the bytes do not depend on the chunk size. Values are built directly in the storage
+dtype from random bits: a random sign and mantissa under a fixed exponent, i.e. i.i.d. symmetric
+values whose magnitude is uniform in [a, 2a) (std a*sqrt(7/3), a a power of two). That is about 20x
+faster than torch.randn plus a cast, which lets synthesis run at the speed of writing the file.
+Scales keep every layer's hidden state finite and of order one: embeddings and inputs of each
+projection get std 1/sqrt(fan_in); output projections (attention out, FFN down) are scaled so each
+residual branch adds about 1/(2 * layers) of variance (the down std is computed from the
+activation's second moment). Sparsity like the real models where the architecture allows it:
+OPT's fc1 bias is set so that 3.3% of neurons fire per token (the paper's figure for OPT-6.7B);
+a FATReLU model's FFN-input norm weight is set so that 10% of gate values exceed the threshold
+(ProSparse: about 90% zeros). A plain gated ReLU without biases fires about half its neurons;
+SiLU has no zeros.
+
+Tokenizer: the default model's (SmolLM2, 49152 tokens). For a smaller vocabulary (Llama, Mistral:
+32000) the tokenizer is cut to the first ids and the merges that build only those ids, so every
+text still encodes to ids < vocab_size; for a larger one (OPT: 50272) the extra ids are added as
+placeholder tokens that decode to the text `<synth_ID>` and that no text encodes to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from llmflash.config import ModelConfig, config_from_hf
+from llmflash.convert.source import TokenizerSpec
+from llmflash.convert.writer import check_destination, write_model_dir
+from llmflash.errors import LLMFlashError
+from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for
+from llmflash.models.names import resident_tensor_names
+
+CHUNK_BYTES = 16 << 20  # rows generated (and held) at a time
+OPT_ACTIVE = 0.033  # share of OPT FFN neurons firing per token (the paper, OPT-6.7B)
+FATRELU_ACTIVE = 0.10  # ProSparse: about 90% of neurons are zero
+
+# Published config.json values (Hugging Face hub), trimmed to what the config mapping reads.
+_OPT = {"model_type": "opt", "activation_function": "relu", "num_attention_heads": 32,
+        "max_position_embeddings": 2048, "vocab_size": 50272, "do_layer_norm_before": True,
+        "enable_bias": True, "layer_norm_elementwise_affine": True, "bos_token_id": 2,
+        "eos_token_id": 2, "pad_token_id": 1, "torch_dtype": "float16"}
+_LLAMA2 = {"model_type": "llama", "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_scaling": None,
+           "tie_word_embeddings": False, "vocab_size": 32000, "bos_token_id": 1, "eos_token_id": 2,
+           "torch_dtype": "float16"}
+PRESETS: dict[str, dict] = {
+    "opt-1.3b": {**_OPT, "hidden_size": 2048, "ffn_dim": 8192, "num_hidden_layers": 24,
+                 "word_embed_proj_dim": 2048},
+    "opt-6.7b": {**_OPT, "hidden_size": 4096, "ffn_dim": 16384, "num_hidden_layers": 32,
+                 "word_embed_proj_dim": 4096},
+    "llama-2-7b": dict(_LLAMA2),
+    # Published with model_type "sparsellama" (SparseLLM/prosparse-llama-2-7b): Llama-2-7B's
+    # shapes with hidden_act "fatrelu" and hidden_act_param 0.01; mapped here as the llama it is.
+    "prosparse-llama-2-7b": {**_LLAMA2, "hidden_act": "fatrelu", "hidden_act_param": 0.01,
+                             "torch_dtype": "bfloat16"},
+    "mistral-7b": {**_LLAMA2, "model_type": "mistral", "intermediate_size": 14336,
+                   "num_key_value_heads": 8, "max_position_embeddings": 32768, "rope_theta": 10000.0,
+                   "sliding_window": 4096, "torch_dtype": "bfloat16"},
+}
+
+
+# -- random values built from bits in the storage dtype -----------------------------------------
+class _Bits:
+    """Random values of one storage dtype: sign and mantissa random, exponent fixed."""
+
+    def __init__(self, dtype: str):
+        if dtype == "float32":
+            self.uint, self.mant_bits, self.exp_bias, self.sign = np.uint32, 23, 127, 1 << 31
+        elif dtype == "bfloat16":
+            self.uint, self.mant_bits, self.exp_bias, self.sign = np.uint16, 7, 127, 1 << 15
+        else:
+            self.uint, self.mant_bits, self.exp_bias, self.sign = np.uint16, 10, 15, 1 << 15
+        self.dtype = dtype
+        self.keep = self.uint(self.sign | ((1 << self.mant_bits) - 1))
+
+    @staticmethod
+    def exponent(std: float) -> int:
+        """The power of two a whose values (|x| uniform in [a, 2a)) have std closest to `std`."""
+        return int(round(math.log2(std / math.sqrt(7 / 3))))
+
+    @classmethod
+    def actual_std(cls, std: float) -> float:
+        return 2.0 ** cls.exponent(std) * math.sqrt(7 / 3)
+
+    def raw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n random words; the draws consumed depend only on n, not on how a tensor is chunked."""
+        words = -(-n * np.dtype(self.uint).itemsize // 8)
+        return rng.bit_generator.random_raw(words).view(self.uint)[:n]
+
+    def shape(self, bits: np.ndarray, std: float) -> np.ndarray:
+        """Turn random words into values of about `std`, in place."""
+        np.bitwise_and(bits, self.keep, out=bits)
+        np.bitwise_or(bits, self.uint((self.exponent(std) + self.exp_bias) << self.mant_bits), out=bits)
+        return bits
+
+    def constant(self, value: float) -> int:
+        f32 = np.array(value, dtype=np.float32)
+        if self.dtype == "float32":
+            return int(f32.view(np.uint32))
+        if self.dtype == "bfloat16":
+            return int(f32.view(np.uint32) >> 16)
+        return int(np.array(value, dtype=np.float16).view(np.uint16))
+
+
+def _stream(seed: int, name: str) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(name.encode())])))
+
+
+# -- shapes and scales ---------------------------------------------------------------------------
+def resident_shapes(config: ModelConfig) -> list[tuple[str, tuple]]:
+    """(HF name, shape) of every resident tensor, as a checkpoint of this config has them."""
+    d, V = config.hidden_size, config.vocab_size
+    q_out = config.num_heads * config.head_dim
+    kv_out = config.num_kv_heads * config.head_dim
+    proj = config.word_embed_proj_dim or d
+    out = []
+    for name in resident_tensor_names(config):
+        leaf = name.rsplit(".", 2)[-2:]
+        kind, param = leaf[0], leaf[1]
+        if name == "lm_head.weight" or kind == "embed_tokens":
+            shape = (V, proj if config.family == "opt" else d)
+        elif kind == "embed_positions":
+            shape = (config.max_position_embeddings + 2, d)  # OPT offsets positions by 2
+        elif kind == "project_in":
+            shape = (d, proj)
+        elif kind == "project_out":
+            shape = (proj, d)
+        elif kind == "q_proj":
+            shape = (q_out, d) if param == "weight" else (q_out,)
+        elif kind in ("k_proj", "v_proj"):
+            shape = (kv_out, d) if param == "weight" else (kv_out,)
+        elif kind in ("o_proj", "out_proj"):
+            shape = (d, q_out) if param == "weight" else (d,)
+        else:  # norms and the FFN output bias
+            shape = (d,)
+        out.append((name, shape))
+    return out
+
+
+def _second_moment(act: str, threshold: float, mean: float, std: float) -> float:
+    """E[act(g)^2] for g ~ N(mean, std^2), by quadrature."""
+    g = np.linspace(mean - 10 * std, mean + 10 * std, 20001)
+    pdf = np.exp(-0.5 * ((g - mean) / std) ** 2)
+    pdf /= pdf.sum()
+    if act == "silu":
+        a = g / (1 + np.exp(-g))
+    elif act == "fatrelu":
+        a = np.where(g > threshold, g, 0.0)
+    else:
+        a = np.maximum(g, 0.0)
+    return float((a * a * pdf).sum())
+
+
+class Scales:
+    """Std (or constant value) of every tensor and bundle part, chosen from the config."""
+
+    def __init__(self, config: ModelConfig):
+        c = self.config = config
+        d, L, N = c.hidden_size, c.num_layers, c.intermediate_size
+        self.branch = 1.0 / (2 * L)  # variance each residual branch adds
+        self.ffn_norm = 1.0  # weight of the norm in front of the FFN
+        self.up_bias = 0.0
+        std_in = _Bits.actual_std(1 / math.sqrt(d))  # gate / up / fc1 rows
+        pre = math.sqrt(d) * std_in  # std of a neuron's pre-activation on a unit-RMS input
+        if c.family == "opt" and c.hidden_act in ("relu", "fatrelu"):
+            z = NormalDist().inv_cdf(1 - OPT_ACTIVE)
+            self.up_bias = c.act_threshold - z * pre
+            h2 = _second_moment(c.hidden_act, c.act_threshold, self.up_bias, pre)
+        elif c.family == "opt":
+            h2 = _second_moment(c.hidden_act, c.act_threshold, 0.0, pre)
+        else:
+            if c.hidden_act == "fatrelu" and c.act_threshold > 0:
+                target = c.act_threshold / NormalDist().inv_cdf(1 - FATRELU_ACTIVE)
+                self.ffn_norm = target / pre
+            gate = pre * self.ffn_norm
+            h2 = _second_moment(c.hidden_act, c.act_threshold, 0.0, gate) * gate ** 2
+        self.down = math.sqrt(self.branch / (N * h2))
+
+    def resident(self, name: str, shape: tuple) -> tuple[str, float]:
+        """("const", value) or ("random", std) for a resident tensor."""
+        c = self.config
+        if len(shape) == 1:
+            ffn_norm = (name.endswith("post_attention_layernorm.weight")
+                        or (c.family == "opt" and name.endswith("final_layer_norm.weight")
+                            and ".layers." in name))
+            if name.endswith(".bias"):
+                return "const", 0.0
+            return "const", self.ffn_norm if ffn_norm else 1.0
+        std = 1 / math.sqrt(shape[1])
+        if name.endswith(("o_proj.weight", "out_proj.weight")):
+            std *= math.sqrt(self.branch)
+        return "random", std
+
+    def part(self, name: str) -> tuple[str, float]:
+        if name == "down":
+            return "random", self.down
+        if name in ("gate", "up"):
+            return "random", 1 / math.sqrt(self.config.hidden_size)
+        return "const", self.up_bias if name == "up_bias" else 0.0
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+def default_tokenizer() -> TokenizerSpec:
+    """SmolLM2's tokenizer: from a converted default model if there is one, else from its GGUF."""
+    from llmflash.defaults import llmflash_home
+
+    for model in sorted((llmflash_home() / "models").glob("smollm2-135m-instruct-*")):
+        try:
+            d = FlashModelDir(model)
+        except LLMFlashError:
+            continue
+        entry = d.manifest.get("tokenizer") or {}
+        if entry.get("file"):
+            return TokenizerSpec((model / entry["file"]).read_text(), entry.get("chat_template"),
+                                 entry.get("bos_token"), entry.get("eos_token"))
+    from llmflash.convert.gguf_source import GGUFSource
+    from llmflash.defaults import default_gguf
+
+    return GGUFSource(default_gguf()).tokenizer()
+
+
+def fit_tokenizer(spec: TokenizerSpec, vocab_size: int) -> TokenizerSpec:
+    """The tokenizer with exactly `vocab_size` ids (see the module docstring)."""
+    tok = json.loads(spec.tokenizer_json)
+    model = tok["model"]
+    if model.get("type") != "BPE":
+        raise LLMFlashError(f"synth needs a BPE tokenizer, got {model.get('type')}")
+    size = max([*model["vocab"].values(), *(t["id"] for t in tok.get("added_tokens", []))]) + 1
+    if vocab_size < size:
+        vocab = {t: i for t, i in model["vocab"].items() if i < vocab_size}
+        merges = []
+        for m in model["merges"]:
+            a, b = m.split(" ", 1) if isinstance(m, str) else m
+            if a in vocab and b in vocab and a + b in vocab:
+                merges.append(m)
+        model["vocab"], model["merges"] = vocab, merges
+        tok["added_tokens"] = [t for t in tok.get("added_tokens", []) if t["id"] < vocab_size]
+    else:
+        for i in range(size, vocab_size):
+            model["vocab"][f"<synth_{i}>"] = i
+    return TokenizerSpec(json.dumps(tok, ensure_ascii=False), spec.chat_template,
+                         spec.bos_token, spec.eos_token)
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _rows_per_chunk(row_bytes: int) -> int:
+    return max(4, CHUNK_BYTES // max(row_bytes, 1) // 4 * 4)  # a multiple of 4 (see _Bits.raw)
+
+
+def resolve_shape(shape: str | None, config_path: Path | None) -> tuple[str, dict]:
+    """(label, HF config dict) from a preset name or a config.json file."""
+    if config_path is not None:
+        try:
+            hf = json.loads(Path(config_path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LLMFlashError(f"cannot read config {config_path}: {exc}") from None
+        if not isinstance(hf, dict):
+            raise LLMFlashError(f"{config_path} is not a config.json object")
+        return str(Path(config_path).resolve()), hf
+    if shape not in PRESETS:
+        raise LLMFlashError(f"unknown synth shape {shape!r}; presets: {', '.join(PRESETS)} "
+                            "(or --config config.json)")
+    return shape, dict(PRESETS[shape])
+
+
+def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int = 0,
+          config_path: Path | None = None, force: bool = False, progress: bool = True,
+          tokenizer: TokenizerSpec | None = None) -> FlashModelDir:
+    """Write a synthetic model of a preset (or a config.json) at DST in the flash layout."""
+    if dtype not in DTYPES:
+        raise LLMFlashError(f"unsupported --dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    dst = Path(dst)
+    check_destination(dst, force)
+    label, hf = resolve_shape(shape, config_path)
+    config = config_from_hf(hf, where=str(config_path) if config_path else f"preset {shape}")
+    scales = Scales(config)
+    bits = _Bits(dtype)
+    resident = resident_shapes(config)
+
+    def resident_chunks(name: str, tshape: tuple, tdtype: torch.dtype):
+        kind, value = scales.resident(name, tshape)
+        if len(tshape) == 1:
+            yield np.full(tshape, value if kind == "const" else 0.0, dtype=np.float32)
+            return
+        rng = _stream(seed, name)
+        cols = int(tshape[1])
+        step = _rows_per_chunk(cols * bits.uint(0).itemsize)
+        for start in range(0, tshape[0], step):
+            rows = min(step, tshape[0] - start)
+            yield bits.shape(bits.raw(rng, rows * cols), value)
+
+    layout = bundle_layout_for(config, dtype)
+    parts = [(slice(p.offset, p.offset + p.length), *scales.part(p.name)) for p in layout.parts]
+
+    def layer_chunks(layer: int):
+        rng = _stream(seed, f"ffn.{layer}")
+        n, width = config.intermediate_size, layout.elements
+        step = _rows_per_chunk(layout.nbytes)
+        for start in range(0, n, step):
+            rows = min(step, n - start)
+            block = bits.raw(rng, rows * width).reshape(rows, width)
+            for cols, kind, value in parts:
+                if kind == "const":
+                    block[:, cols] = bits.constant(value)
+                else:
+                    bits.shape(block[:, cols], value)
+            yield block
+
+    spec = fit_tokenizer(tokenizer or default_tokenizer(), config.vocab_size)
+    extra = {"synthetic": {"preset": label, "seed": seed, "hf_config": hf,
+                           "note": "random weights: generated text is meaningless"}}
+    return write_model_dir(dst, config, dtype, resident, resident_chunks, layer_chunks, spec,
+                           {"path": f"synthetic:{label}", "kind": "synthetic"}, extra,
+                           progress=progress, desc=f"synth {Path(label).name}")
