@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 from pathlib import Path
 from statistics import NormalDist
@@ -233,10 +234,27 @@ def default_tokenizer() -> TokenizerSpec:
         if entry.get("file"):
             return TokenizerSpec((model / entry["file"]).read_text(), entry.get("chat_template"),
                                  entry.get("bos_token"), entry.get("eos_token"))
+    # Parsing the GGUF takes seconds: keep what it gives beside the converted models.
+    cached = llmflash_home() / "tokenizers" / "smollm2-135m-instruct.json"
+    try:
+        entry = json.loads(cached.read_text())
+        return TokenizerSpec(entry["tokenizer_json"], entry["chat_template"], entry["bos_token"],
+                             entry["eos_token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     from llmflash.convert.gguf_source import GGUFSource
     from llmflash.defaults import default_gguf
 
-    return GGUFSource(default_gguf()).tokenizer()
+    spec = GGUFSource(default_gguf()).tokenizer()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"tokenizer_json": spec.tokenizer_json, "chat_template": spec.chat_template,
+                                   "bos_token": spec.bos_token, "eos_token": spec.eos_token}))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home: parse again next time
+    return spec
 
 
 def fit_tokenizer(spec: TokenizerSpec, vocab_size: int) -> TokenizerSpec:
