@@ -25,6 +25,8 @@ from llmflash.config import ModelConfig, config_from_hf
 from llmflash.convert.source import ModelSource, TokenizerSpec
 from llmflash.errors import LLMFlashError
 from llmflash.models.names import ffn_tensor_names, normalise_name, resident_tensor_names
+from llmflash.format.integrity import write_bundle_checks
+from llmflash.format.tempfiles import remove_stale
 from llmflash.format.layout import (
     ALIGNMENT,
     DTYPES,
@@ -240,6 +242,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     dst = Path(dst)
     torch_dtype = DTYPES[dtype]
     bundle = bundle_layout_for(config, dtype)
+    remove_stale(dst.parent, f".{dst.name}.")  # left by a killed conversion (format/tempfiles.py)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -255,6 +258,8 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
                                                torch_dtype, bar)
         files[FFN_FILE], regions = _write_ffn(tmp / FFN_FILE, config.num_layers,
                                               config.intermediate_size, layer_chunks, bar)
+        # per-bundle digests for flash's scattered reads (format/integrity.py)
+        checks_file, files[checks_file], checks = write_bundle_checks(tmp, FFN_FILE, regions, bundle.nbytes)
         bar.close()
         tokenizer_entry = _write_tokenizer(tmp, tokenizer, files)
         manifest = {
@@ -266,7 +271,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
             "config": config.to_dict(),
             "files": files,
             "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "bundle": bundle.to_dict(),
-                    "layers": regions},
+                    "layers": regions, "checks": checks},
             "tokenizer": tokenizer_entry,
             **(extra or {}),
             "conversion_seconds": round(time.perf_counter() - started, 3),

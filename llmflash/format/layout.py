@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,12 @@ from safetensors import safe_open
 
 from llmflash.config import ModelConfig
 from llmflash.errors import LLMFlashError
+from llmflash.format import schema
+from llmflash.format.integrity import LayerVerifier
 
 FORMAT_NAME = "llmflash"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest_sha256 and per-bundle checks (ffn.checks); version 1 is still read
+MAX_MANIFEST_BYTES = 64 << 20
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
@@ -148,8 +152,10 @@ class FlashModelDir:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
-        if not self.path.is_dir():
+        if not self.path.exists():
             raise LLMFlashError(f"not an llmflash model directory: {self.path} does not exist")
+        if not self.path.is_dir():
+            raise LLMFlashError(f"not an llmflash model directory: {self.path} is a file, not a directory")
         if not manifest_path.exists():
             hint = " (an unfinished conversion?)" if ".tmp" in self.path.name else ""
             raise LLMFlashError(
@@ -157,41 +163,41 @@ class FlashModelDir:
                 "create one with `llmflash convert`"
             )
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LLMFlashError(f"corrupted manifest {manifest_path}: {exc}") from None
-        if self.manifest.get("format") != FORMAT_NAME:
-            raise LLMFlashError(f"{manifest_path} is not an llmflash manifest")
-        version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise LLMFlashError(
-                f"{manifest_path} has format version {version}; this llmflash reads version "
-                f"{FORMAT_VERSION}: convert the model again"
+            raw = manifest_path.read_bytes()
+        except OSError as exc:
+            raise LLMFlashError(f"cannot read {manifest_path}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise LLMFlashError(f"corrupted manifest {manifest_path}: {len(raw)} bytes, more than any "
+                                f"model needs ({MAX_MANIFEST_BYTES})")
+        self.manifest = schema.parse_manifest(raw, str(manifest_path))
+        facts = schema.validate_manifest(self.manifest, self.path, str(manifest_path))
+        self.format_version = facts["version"]
+        self.config = facts["config"]
+        ffn = self.manifest["ffn"]
+        self.bundle = BundleLayout.from_dict(ffn["bundle"])
+        self.layers = [
+            LayerRegion(
+                offset=r["offset"],
+                neurons=r["neurons"],
+                nbytes=r["bytes"],
+                sha256=r["sha256"],
+                order=tuple(r["order"]) if r.get("order") is not None else None,
+                hot=tuple(r["hot"]) if r.get("hot") is not None else None,
+                window_union=tuple(r["window_union"]) if r.get("window_union") else None,
             )
-        try:
-            self.config = ModelConfig.from_dict(self.manifest["config"])
-            ffn = self.manifest["ffn"]
-            self.bundle = BundleLayout.from_dict(ffn["bundle"])
-            self.layers = [
-                LayerRegion(
-                    offset=r["offset"],
-                    neurons=r["neurons"],
-                    nbytes=r["bytes"],
-                    sha256=r["sha256"],
-                    order=tuple(r["order"]) if r.get("order") is not None else None,
-                    hot=tuple(r["hot"]) if r.get("hot") is not None else None,
-                    window_union=tuple(r["window_union"]) if r.get("window_union") else None,
-                )
-                for r in ffn["layers"]
-            ]
-        except (KeyError, TypeError) as exc:
-            raise LLMFlashError(f"corrupted manifest {manifest_path}: missing or bad field {exc}") from None
+            for r in ffn["layers"]
+        ]
         self._check_files_present()
+        self.layer_verifier = LayerVerifier(self)
 
     # -- files ---------------------------------------------------------------------------------
     @property
     def files(self) -> dict[str, dict]:
         return self.manifest["files"]
+
+    def contained(self, name: str, what: str = "file") -> Path:
+        """A file of this model by its manifest name, checked to stay inside the directory."""
+        return schema.contained_file(self.path, name, what)
 
     @property
     def resident_path(self) -> Path:
@@ -202,14 +208,26 @@ class FlashModelDir:
         return self.path / self.manifest["ffn"].get("file", FFN_FILE)
 
     @property
+    def tokenizer_path(self) -> Path | None:
+        """tokenizer.json as the manifest names it (verified by `load_tokenizer_bytes`), or None."""
+        name = (self.manifest.get("tokenizer") or {}).get("file")
+        return None if name is None else self.path / name
+
+    def read_verified(self, name: str, what: str = "file") -> bytes:
+        """A small file read whole and checked against its sha256 in `files`."""
+        path = self.contained(name, what)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.files[name]["sha256"]:
+            raise LLMFlashError(f"checksum mismatch: {path}; run `llmflash verify`")
+        return data
+
+    @property
     def dtype(self) -> str:
         return self.manifest["dtype"]
 
     def _check_files_present(self) -> None:
         for name, info in self.files.items():
-            file = self.path / name
-            if not file.exists():
-                raise LLMFlashError(f"missing file {file} (listed in {self.path / MANIFEST})")
+            file = self.contained(name, "files entry")
             size = file.stat().st_size
             if size != info["bytes"]:
                 kind = "truncated" if size < info["bytes"] else "oversized"
@@ -244,8 +262,8 @@ class FlashModelDir:
         with safe_open(str(self.resident_path), framework="pt") as f:
             return list(f.keys())
 
-    def load_resident(self, dtype: torch.dtype = torch.float32, verify: bool = True) -> dict[str, torch.Tensor]:
-        """All resident tensors, cast to the compute dtype, read once and hashed on the way.
+    def load_resident(self, dtype: torch.dtype | None = torch.float32, verify: bool = True) -> dict[str, torch.Tensor]:
+        """All resident tensors, cast to `dtype` (None: each as stored), read once and hashed on the way.
 
         The file is read sequentially with plain reads straight into each tensor's memory (no
         mmap), so peak memory is the resident set itself, not file pages plus copies, and the
@@ -256,14 +274,16 @@ class FlashModelDir:
         out: dict[str, torch.Tensor] = {}
         try:
             with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
                 raw_len = f.read(8)
                 (header_len,) = struct.unpack("<Q", raw_len)
+                if header_len > size - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file size {size}")
                 header_raw = f.read(header_len)
                 h.update(raw_len)
                 h.update(header_raw)
                 header = json.loads(header_raw)
-                entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                 key=lambda kv: kv[1]["data_offsets"][0])
+                entries = schema.check_resident_header(header, size - 8 - header_len, self.config, str(path))
                 pos = 0
                 for name, info in entries:
                     begin, end = info["data_offsets"]
@@ -275,12 +295,13 @@ class FlashModelDir:
                     if len(view) != end - begin or f.readinto(view) != end - begin:
                         raise ValueError(f"tensor {name} is cut short")
                     h.update(view)
-                    out[name] = t if stored == dtype else t.to(dtype)
+                    out[name] = t if dtype is None or stored == dtype else t.to(dtype)
                     pos = end
                 tail = f.read()
                 h.update(tail)
-        except (ValueError, KeyError, struct.error, json.JSONDecodeError) as exc:
-            raise LLMFlashError(f"cannot read {path}: {exc}") from None
+        except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError, UnicodeDecodeError,
+                RecursionError) as exc:
+            raise LLMFlashError(f"cannot read {path}: {str(exc)[:200]}") from None
         if verify and h.hexdigest() != self.files[RESIDENT_FILE]["sha256"]:
             raise LLMFlashError(f"checksum mismatch: {path}; run `llmflash verify`")
         return out
@@ -303,10 +324,8 @@ class FlashModelDir:
             got = f.readinto(memoryview(raw))
         if got != region.nbytes:
             raise LLMFlashError(f"truncated file {self.ffn_path}: layer {layer} is cut short")
-        if verify and hashlib.sha256(raw).hexdigest() != region.sha256:
-            raise LLMFlashError(
-                f"checksum mismatch: {self.ffn_path} layer {layer}; run `llmflash verify`"
-            )
+        if verify:
+            self.layer_verifier.check(layer, raw)
         return self.bundles_from_bytes(raw.reshape(region.neurons, self.bundle.nbytes))
 
     def weights_nbytes(self) -> dict[str, int]:
@@ -316,4 +335,31 @@ class FlashModelDir:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    """manifest.json, sealed with its own checksum, written to a temporary name, fsynced, renamed."""
+    directory = Path(directory)
+    tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(schema.manifest_text(manifest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def verify_model(path: Path | str, progress: bool = False) -> tuple["FlashModelDir | None", list[str]]:
+    """`llmflash verify`: (the opened model or None, the problems found).
+
+    A path that is not a model directory at all (missing, a file, no manifest) raises; a model
+    whose manifest or files are damaged is reported as problems, like a checksum mismatch.
+    """
+    path = Path(path)
+    if not path.is_dir() or not (path / MANIFEST).exists():
+        FlashModelDir(path)  # raises the "not an llmflash model directory" error
+    try:
+        model = FlashModelDir(path)
+    except LLMFlashError as exc:
+        return None, [str(exc)]
+    return model, model.verify(progress=progress)

@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FFN_FILE, FlashModelDir, sha256_file
+from llmflash.format.schema import contained_dir, contained_file
+from llmflash.format.tempfiles import remove_stale
 
 SUBDIR = "sparsity"
 INDEX = "index.json"
@@ -36,6 +38,7 @@ PREDICTORS_FILE = "predictors.safetensors"
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
+    remove_stale(path.parent, f".{path.name}.")  # left by a killed run (format/tempfiles.py)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -49,10 +52,18 @@ class SparsityStore:
 
     def __init__(self, model_dir: FlashModelDir):
         self.model_dir = model_dir
-        self.path = model_dir.path / SUBDIR
+        # a symlink leaving the model directory is refused (format/schema.py)
+        self.path = contained_dir(model_dir.path, SUBDIR, "sparsity directory")
         self.index_path = self.path / INDEX
         # the bundle file in use: ffn.bin, or ffn-<sha>.bin after `llmflash reorder`
         self.model_ffn_sha = model_dir.files.get(model_dir.ffn_path.name, {}).get("sha256")
+
+    def remove_leftovers(self) -> list[Path]:
+        """Temporary files a killed `calibrate` left (dead processes only; format/tempfiles.py)."""
+        removed: list[Path] = []
+        for name in (INDEX, STATS_FILE, PREDICTORS_FILE):
+            removed += remove_stale(self.path, f".{name}.")
+        return removed
 
     # -- index -----------------------------------------------------------------------------------
     def index(self) -> dict:
@@ -60,8 +71,14 @@ class SparsityStore:
             return {"format": FORMAT, "version": VERSION, "ffn_sha256": self.model_ffn_sha, "files": {}}
         try:
             idx = json.loads(self.index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LLMFlashError(f"corrupted sparsity index {self.index_path}: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise LLMFlashError(f"corrupted sparsity index {self.index_path}: {str(exc)[:200]}") from None
+        files = idx.get("files") if isinstance(idx, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("meta", {}), dict) for e in files.values()):
+            raise LLMFlashError(f"corrupted sparsity index {self.index_path}: not an object with a files map "
+                                "of {bytes, sha256, meta}; run `llmflash calibrate` again")
         if idx.get("format") != FORMAT or idx.get("version") != VERSION:
             raise LLMFlashError(f"{self.index_path} is not a version-{VERSION} llmflash sparsity index; "
                                 "run `llmflash calibrate` again")
@@ -117,6 +134,7 @@ class SparsityStore:
         """Write a safetensors file atomically, then record its checksum and meta in the index."""
         self.path.mkdir(exist_ok=True)
         target = self.path / name
+        remove_stale(self.path, f".{name}.")  # left by a killed run (format/tempfiles.py)
         tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         with open(tmp, "rb+") as f:
@@ -133,6 +151,7 @@ class SparsityStore:
         file = self.path / name
         if not file.exists():
             raise LLMFlashError(f"missing file {file} (listed in {self.index_path}); run `llmflash calibrate`")
+        contained_file(self.path, name, "sparsity file")
         if file.stat().st_size != entry["bytes"]:
             raise LLMFlashError(f"truncated or modified file {file}: {file.stat().st_size} bytes, "
                                 f"{self.index_path} says {entry['bytes']}")

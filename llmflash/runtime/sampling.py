@@ -19,6 +19,9 @@ def check_sampling(temperature: float, top_p: float) -> None:
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """logits: [vocab] -> token id."""
+    if not bool(torch.isfinite(logits).all()):  # never let argmax turn NaN into token 0
+        raise LLMFlashError("the model produced non-finite logits (NaN or inf); its weights may be "
+                            "corrupted: run `llmflash verify`")
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)

@@ -20,11 +20,16 @@ class Tokenizer:
     """A converted model's tokenizer: encode, decode, chat template, end-of-sequence ids."""
 
     def __init__(self, path: Path, chat_template: str | None = None, bos_token: str | None = None,
-                 eos_token: str | None = None, eos_ids: list[int] | None = None):
+                 eos_token: str | None = None, eos_ids: list[int] | None = None,
+                 data: bytes | None = None):
+        """`data`: the file's bytes, already read and checksummed by the caller (else read here)."""
         try:
-            self.tk = HFTokenizer.from_file(str(path))
+            if data is not None:
+                self.tk = HFTokenizer.from_str(data.decode("utf-8"))
+            else:
+                self.tk = HFTokenizer.from_file(str(path))
         except Exception as exc:
-            raise LLMFlashError(f"cannot load tokenizer {path}: {exc}") from None
+            raise LLMFlashError(f"cannot load tokenizer {path}: {str(exc)[:200]}") from None
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -34,6 +39,10 @@ class Tokenizer:
         self.eos_ids = sorted(ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")  # command-line bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError as exc:
+            raise LLMFlashError(f"the text is not valid UTF-8 (byte {exc.start}); give UTF-8 text") from None
         return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -27,6 +27,7 @@ from llmflash.runtime.engine import Engine, dense_ffn
 from llmflash.runtime.layer_weights import is_relu, layer_weights
 from llmflash.tools.text import CapturingFFN, text_windows
 from llmflash.format.sparsity_store import STATS_FILE, SparsityStore
+from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
 
 GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
@@ -103,6 +104,23 @@ def compute_stats(model_dir: FlashModelDir, inputs: list[torch.Tensor], sparsity
     return tensors, meta
 
 
+def _finished_stats(store: SparsityStore, text_sha: str, tokens: int, window: int,
+                    sparsity: float) -> dict | None:
+    """The stored statistics' meta if they were computed from the same inputs, else None."""
+    if not store.has(STATS_FILE):
+        return None
+    meta = store.meta(STATS_FILE)
+    same = (meta.get("text_sha256") == text_sha and meta.get("tokens") == tokens
+            and meta.get("window") == window and meta.get("sparsity") == sparsity)
+    if not same:
+        return None
+    try:
+        store.read_tensors(STATS_FILE)  # size and sha256 checked
+    except LLMFlashError:
+        return None  # damaged: computed again
+    return meta
+
+
 def calibrate(path: Path | str, text: Path | str, tokens: int = 16384, window: int = 512,
               sparsity: float = 0.5, train: bool = True, train_options=None, progress: bool = True,
               log=print) -> dict:
@@ -118,11 +136,17 @@ def calibrate(path: Path | str, text: Path | str, tokens: int = 16384, window: i
     model_dir = engine.dir
     n_tokens = sum(len(w) for w in windows)
     text_sha = hashlib.sha256(Path(text).read_bytes()).hexdigest()
-    tensors, meta = compute_stats(model_dir, inputs, sparsity, progress)
-    meta.update(text=str(Path(text).resolve()), text_sha256=text_sha, tokens=n_tokens,
-                windows=len(windows), window=window, activation=model_dir.config.hidden_act)
     store = SparsityStore(model_dir)
-    store.write_tensors(STATS_FILE, tensors, meta)
+    store.remove_leftovers()
+    meta = _finished_stats(store, text_sha, n_tokens, window, sparsity)
+    if meta is not None:  # a run killed after its statistics pass: resume from them
+        log(f"calibration: reusing the statistics in {store.path / STATS_FILE} (same text, tokens, "
+            "window and sparsity)")
+    else:
+        tensors, meta = compute_stats(model_dir, inputs, sparsity, progress)
+        meta.update(text=str(Path(text).resolve()), text_sha256=text_sha, tokens=n_tokens,
+                    windows=len(windows), window=window, activation=model_dir.config.hidden_act)
+        store.write_tensors(STATS_FILE, tensors, meta)
     summary = {"stats": meta, "stats_file": str(store.path / STATS_FILE)}
     log(f"calibration: {n_tokens} tokens in {len(windows)} windows from {text}; "
         f"mean exact-zero fraction {sum(meta['exact_zero_fraction']) / len(meta['exact_zero_fraction']):.3f}, "

@@ -11,8 +11,10 @@ Recipe (the one that made ../shared/models/smollm2-135m-relu, shortened):
    cross-entropy (+ l1 x mean |activation| if asked), AdamW, cosine learning rate, fp32 on CPU.
    The teacher is the source model, unchanged. Attention and embeddings stay frozen.
 
-Checkpoints (every --checkpoint-every steps) go to `.DST.relufy-ckpt.pt` beside DST; a rerun with
-the same options resumes from the last one. The result is written through the converter (a
+Checkpoints (every --checkpoint-every steps) go beside DST as `.DST.relufy-ckpt.safetensors`
+(parameters and AdamW moments) plus `.DST.relufy-ckpt.json` (step, options key, scheduler and
+optimiser settings, report, and the sha256 of the tensors file); no pickle is ever loaded. A rerun
+with the same options resumes from the last one. The result is written through the converter (a
 temporary Hugging Face directory -> `convert`), so DST is an ordinary model directory. Perplexity
 and the exact-zero fraction of the FFN activations are measured on held-out text before (the
 original model and the plain swap) and after.
@@ -39,6 +41,7 @@ from llmflash.models import build_model
 from llmflash.runtime.layer_weights import layer_weights
 from llmflash.tools.text import read_text
 from llmflash.format.layout import FlashModelDir
+from llmflash.format.tempfiles import remove_stale
 from llmflash.models.base import FFNProvider, ObservedFFN
 
 
@@ -218,6 +221,62 @@ def _refit_down(teacher, teacher_ffn, student_ffn: _StudentFFN, windows, ridge: 
             r[:, student_ffn.slices.down] = D.to(r.dtype)
 
 
+def _save_checkpoint(ckpt: Path, state: dict, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    """Tensors to safetensors, the rest to JSON naming the tensors' sha256; the JSON is renamed
+    last, so it always describes a complete tensors file."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for i, p in enumerate(params):
+        tensors[f"params.{i}"] = p.detach().contiguous()
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().reshape(-1).contiguous() if v.dim() == 0 else v.detach().contiguous()
+    pid = os.getpid()
+    tensors_path = ckpt.with_suffix(".safetensors")
+    tmp_t = ckpt.with_name(f"{ckpt.stem}.safetensors.tmp-{pid}")
+    tmp_j = ckpt.with_name(f"{ckpt.name}.tmp-{pid}")
+    save_file(tensors, str(tmp_t))
+    sha = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
+    meta = dict(state, tensors_sha256=sha, params=len(params),
+                opt={"param_groups": opt_state["param_groups"],
+                     "scalars": sorted(f"opt.{i}.{k}" for i, st in opt_state["state"].items()
+                                       for k, v in st.items() if v.dim() == 0)})
+    tmp_j.write_text(json.dumps(meta))
+    os.replace(tmp_t, tensors_path)
+    os.replace(tmp_j, ckpt)
+
+
+def _load_checkpoint(ckpt: Path, n_params: int) -> dict:
+    """The state _save_checkpoint wrote, checked: the tensors file must match the JSON's sha256."""
+    import hashlib
+
+    from safetensors.torch import load
+
+    try:
+        meta = json.loads(ckpt.read_text())
+        data = ckpt.with_suffix(".safetensors").read_bytes()
+    except (OSError, ValueError) as exc:
+        raise LLMFlashError(f"cannot read checkpoint {ckpt}: {exc}; pass --restart") from None
+    if not isinstance(meta, dict) or hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256") \
+            or meta.get("params") != n_params:
+        raise LLMFlashError(f"checkpoint {ckpt} does not match its tensors file {ckpt.with_suffix('.safetensors')}; "
+                            "pass --restart")
+    tensors = load(data)
+    scalars = set(meta["opt"]["scalars"])
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        if name.startswith("opt."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = t.reshape(()) if name in scalars else t
+    meta["params"] = [tensors[f"params.{i}"] for i in range(n_params)]
+    meta["opt"] = {"state": state, "param_groups": meta["opt"]["param_groups"]}
+    return meta
+
+
 def relufy(src: Path | str, dst: Path | str, text: Path | str, opts: RelufyOptions,
            eval_text: Path | str | None = None, resume: bool = True, force: bool = False,
            progress: bool = True, log=print) -> dict:
@@ -278,7 +337,9 @@ def relufy(src: Path | str, dst: Path | str, text: Path | str, opts: RelufyOptio
     student = build_model(sc, student_w, student_ffn, max_len, torch.float32)
     params = rows + [student_w[n] for n in norm_names]
 
-    ckpt = dst.parent / f".{dst.name}.relufy-ckpt.pt"
+    ckpt = dst.parent / f".{dst.name}.relufy-ckpt.json"
+    # temporary files of a killed run (its Hugging Face staging directory, checkpoint halves)
+    remove_stale(dst.parent, f".{dst.name}.", r"(?:relufy-hf-|relufy-ckpt\.\w+\.tmp-)(\d+)")
     key = {"src_ffn_sha256": src_dir.files.get("ffn.bin", {}).get("sha256"), "options": asdict(opts),
            "text": str(Path(text).resolve())}
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -289,7 +350,9 @@ def relufy(src: Path | str, dst: Path | str, text: Path | str, opts: RelufyOptio
     start_step, report = 0, None
     if resume and ckpt.exists():
         try:
-            state = torch.load(ckpt, weights_only=False)
+            state = _load_checkpoint(ckpt, len(params))
+        except LLMFlashError:
+            raise
         except Exception as exc:
             raise LLMFlashError(f"cannot read checkpoint {ckpt}: {exc}; pass --restart") from None
         if state.get("key") != key:
@@ -353,10 +416,8 @@ def relufy(src: Path | str, dst: Path | str, text: Path | str, opts: RelufyOptio
         bar.set_postfix(loss=f"{total_loss:.4f}")
         done = step + 1
         if done % opts.checkpoint_every == 0 or done == opts.steps:
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"key": key, "step": done, "params": [p.detach() for p in params],
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "report": report}, tmp)
-            os.replace(tmp, ckpt)
+            _save_checkpoint(ckpt, {"key": key, "step": done, "sched": sched.state_dict(), "report": report},
+                             params, opt)
     bar.close()
 
     ppl, zero = _perplexity(student, student_ffn, eval_windows)
@@ -377,6 +438,7 @@ def relufy(src: Path | str, dst: Path | str, text: Path | str, opts: RelufyOptio
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out.path / "sparsity" / "relufy.json")
     ckpt.unlink(missing_ok=True)
+    ckpt.with_suffix(".safetensors").unlink(missing_ok=True)
     return report
 
 

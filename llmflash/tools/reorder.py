@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from tqdm import tqdm
 from llmflash.models.base import ObservedFFN
 from llmflash.runtime.ffn import ffn_intermediate
 from llmflash.errors import LLMFlashError
-from llmflash.format.layout import FFN_FILE, MANIFEST, FlashModelDir, align_up, sha256_file
+from llmflash.format.integrity import checks_name, write_bundle_checks
+from llmflash.format.layout import FFN_FILE, MANIFEST, FlashModelDir, align_up, sha256_file, write_manifest
+from llmflash.format.tempfiles import remove_stale
 
 HOT_FRACTION = 0.25  # how many of the hottest neurons the manifest lists per layer
 
@@ -110,10 +113,12 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
                    source: str, unions: list[list[float]] | None = None) -> FlashModelDir:
     """Write ffn.bin in the new slot orders and swap it in atomically, manifest last."""
     path = model_dir.path
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = json.loads(json.dumps(model_dir.manifest))  # validated when the directory was opened
     old_name = manifest["ffn"]["file"]
+    old_checks = (manifest["ffn"].get("checks") or {}).get("file")
+    remove_leftovers(model_dir)
     tmp_ffn = path / f".{FFN_FILE}.tmp-{os.getpid()}"
-    tmp_manifest = path / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp_checks = path / f".ffn.xxh3.tmp-{os.getpid()}"
     try:
         with open(tmp_ffn, "wb") as out:
             for layer, region in enumerate(tqdm(model_dir.layers, desc="rewrite", unit="layer")):
@@ -142,12 +147,18 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
         manifest["files"][new_name] = {"bytes": (path / new_name).stat().st_size, "sha256": digest}
         manifest["ffn"]["file"] = new_name
         manifest["ffn"]["layout"] = {"kind": "coactivation", "source": source}
-        tmp_manifest.write_text(json.dumps(manifest, indent=1))
-        with open(tmp_manifest) as f:
-            os.fsync(f.fileno())
-        os.rename(tmp_manifest, path / MANIFEST)
-        if new_name != old_name:
-            (path / old_name).unlink()
+        # per-bundle digests of the new layout (format/integrity.py), renamed into place
+        checks_file = checks_name(new_name)
+        _, entry, checks = write_bundle_checks(path, new_name, manifest["ffn"]["layers"],
+                                               model_dir.bundle.nbytes, name=tmp_checks.name)
+        os.rename(tmp_checks, path / checks_file)
+        if old_checks is not None:
+            manifest["files"].pop(old_checks, None)
+        manifest["files"][checks_file] = entry
+        manifest["ffn"]["checks"] = dict(checks, file=checks_file)
+        write_manifest(path, manifest)  # sealed, temporary name, fsync, rename: the one switch
+        for name in {old_name, old_checks} - {new_name, checks_file, None}:
+            (path / name).unlink(missing_ok=True)
         old_sha = model_dir.files.get(old_name, {}).get("sha256")
         if old_sha is not None:
             # neuron ids are unchanged, so calibration statistics and predictors stay valid
@@ -155,11 +166,28 @@ def rewrite_layout(model_dir: FlashModelDir, orders: list[np.ndarray], hot: list
 
             SparsityStore(FlashModelDir(path)).rekey(old_sha, digest)
     except BaseException:
-        for f in (tmp_ffn, tmp_manifest):
-            if f.exists():
-                f.unlink()
+        for f in (tmp_ffn, tmp_checks):
+            f.unlink(missing_ok=True)
         raise
     return FlashModelDir(path)
+
+
+_LAYOUT_FILE = re.compile(r"ffn(-[0-9a-f]{12})?\.(bin|xxh3)")
+
+
+def remove_leftovers(model_dir: FlashModelDir) -> list[Path]:
+    """What a killed reorder left: temporary files of dead processes, and bundle or checks files
+    of a layout the manifest does not (or no longer) list."""
+    path = model_dir.path
+    removed = []
+    for prefix in (f".{FFN_FILE}.", ".ffn.xxh3.", f".{MANIFEST}."):
+        removed += remove_stale(path, prefix)
+    for entry in os.scandir(path):
+        if _LAYOUT_FILE.fullmatch(entry.name) and entry.name not in model_dir.files \
+                and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def reorder(model: Path, text: Path, tokens: int = 4096) -> FlashModelDir:

@@ -1,0 +1,139 @@
+"""Checks on the bytes the runtime reads, at a cost that stays small next to a token.
+
+Two granularities (docs/INTEGRITY.md has the policy and the measured cost):
+
+* **Whole layers** (dense load, naive, hybrid, mmap, flash's prompt pass) are checked against the
+  layer's sha256 in the manifest the first time a process reads them (`LayerVerifier`); the bytes
+  on disk do not change under a running model, so later reads of the same layer are trusted
+  unless `LLMFLASH_VERIFY_READS=all`.
+* **Scattered bundles** (flash decode reads) are checked one by one against a per-bundle xxh3-64
+  digest stored beside the bundles (`ffn.checks` in the manifest: a file of little-endian uint64,
+  one per slot, layer after layer), on every read. `LLMFLASH_VERIFY_READS=0` turns this off
+  (for measuring its cost); models converted before the checks file existed (format version 1)
+  have no per-bundle digests and their scattered reads are not checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from llmflash.errors import LLMFlashError
+
+ALGORITHM = "xxh3_64"
+ENV = "LLMFLASH_VERIFY_READS"
+
+
+def verify_mode() -> str:
+    """'bundles' (default), 'all' (also re-check whole layers on every read) or 'off'."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value in ("0", "off", "no", "false"):
+        return "off"
+    if value == "all":
+        return "all"
+    return "bundles"
+
+
+def _xxh3():
+    try:
+        import xxhash
+    except ImportError:  # pragma: no cover - a core dependency
+        raise LLMFlashError("the xxhash package is missing: pip install xxhash") from None
+    return xxhash.xxh3_64_intdigest
+
+
+def bundle_digests(rows: np.ndarray) -> np.ndarray:
+    """xxh3-64 of each row of a uint8 [n, bundle_bytes] array, as uint64 [n]."""
+    h = _xxh3()
+    return np.fromiter((h(r) for r in rows), dtype=np.uint64, count=len(rows))
+
+
+def checks_name(ffn_name: str) -> str:
+    stem = ffn_name[:-4] if ffn_name.endswith(".bin") else ffn_name
+    return f"{stem}.xxh3"
+
+
+def write_bundle_checks(directory: Path, ffn_name: str, regions: list[dict], bundle_bytes: int,
+                        name: str | None = None) -> tuple[str, dict, dict]:
+    """Read the written bundle file back layer by layer and store each bundle's digest.
+
+    Returns (file name, its `files` entry, the manifest's `ffn.checks` entry).
+    """
+    name = name or checks_name(ffn_name)
+    path = Path(directory) / name
+    sha = hashlib.sha256()
+    size = 0
+    with open(Path(directory) / ffn_name, "rb") as src, open(path, "wb") as out:
+        for r in regions:
+            src.seek(r["offset"])
+            raw = np.frombuffer(src.read(r["bytes"]), dtype=np.uint8)
+            if raw.size != r["bytes"]:
+                raise LLMFlashError(f"{Path(directory) / ffn_name} is shorter than its layer table")
+            data = bundle_digests(raw.reshape(-1, bundle_bytes)).astype("<u8").tobytes()
+            out.write(data)
+            sha.update(data)
+            size += len(data)
+        out.flush()
+        os.fsync(out.fileno())
+    return name, {"bytes": size, "sha256": sha.hexdigest()}, {"file": name, "algorithm": ALGORITHM}
+
+
+class BundleChecks:
+    """Per-bundle digests of one model, held in DRAM (8 bytes per neuron), checked per read."""
+
+    def __init__(self, table: np.ndarray, ffn_path: Path, permutations: list[np.ndarray]):
+        self.table = table  # [layers, neurons] uint64, by slot
+        self.ffn_path = ffn_path
+        self.permutations = permutations
+        self.hash = _xxh3()
+
+    @classmethod
+    def load(cls, model_dir) -> "BundleChecks | None":
+        """The model's checks, sha256-verified, or None (no checks file, or checks turned off)."""
+        checks = model_dir.manifest["ffn"].get("checks")
+        if checks is None or verify_mode() == "off":
+            return None
+        path = model_dir.contained(checks["file"], "ffn.checks.file")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != model_dir.files[checks["file"]]["sha256"]:
+            raise LLMFlashError(f"checksum mismatch: {path}; run `llmflash verify`")
+        cfg = model_dir.config
+        table = np.frombuffer(data, dtype="<u8").reshape(cfg.num_layers, cfg.intermediate_size)
+        return cls(table, model_dir.ffn_path, [r.permutation() for r in model_dir.layers])
+
+    def nbytes(self) -> int:
+        return int(self.table.nbytes)
+
+    def verify(self, layer: int, slots: np.ndarray, raw: np.ndarray) -> None:
+        """raw: uint8 [len(slots), bundle_bytes], the bundles at `slots` of `layer`."""
+        expected = self.table[layer]
+        h = self.hash
+        for i, slot in enumerate(np.asarray(slots).tolist()):
+            if h(raw[i]) != expected[slot]:
+                raise LLMFlashError(
+                    f"checksum mismatch: {self.ffn_path} layer {layer}, bundle slot {slot} "
+                    f"(neuron {int(self.permutations[layer][slot])}); run `llmflash verify`")
+
+
+class LayerVerifier:
+    """sha256 of whole layers against the manifest, once per layer and process by default."""
+
+    def __init__(self, model_dir):
+        self.dir = model_dir
+        self.done: set[int] = set()
+        self.every_read = verify_mode() == "all"
+
+    def needed(self, layer: int) -> bool:
+        return self.every_read or layer not in self.done
+
+    def check(self, layer: int, raw) -> None:
+        """raw: the layer's bytes (any buffer)."""
+        self.finish(layer, hashlib.sha256(memoryview(raw).cast("B")).hexdigest())
+
+    def finish(self, layer: int, digest: str) -> None:
+        if digest != self.dir.layers[layer].sha256:
+            raise LLMFlashError(f"checksum mismatch: {self.dir.ffn_path} layer {layer}; run `llmflash verify`")
+        self.done.add(layer)
