@@ -16,12 +16,14 @@ from llmflash.runtime.kernel_aio import kernel_aio_available
 from llmflash.errors import LLMFlashError
 from llmflash.tools import probe_disk as probe
 from llmflash.runtime.read_planner import PROFILE_ENV, DeviceProfile, load_default_profile
-from llmflash.tools.probe_disk import Cell, fit_profile, parse_size
+from llmflash.cli.probe_disk import add_arguments
+from llmflash.cli.probe_disk import size_arg as parse_size
+from llmflash.tools.probe_disk import Cell, fit_profile
 
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    probe.add_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(list(argv))
 
 

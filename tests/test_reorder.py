@@ -46,7 +46,7 @@ def test_layout_changes_but_model_does_not(models):
 def test_flash_with_pinned_hot_neurons_equals_dense(models):
     _, ordered = models
     dense = Engine(ordered).generate(PROMPT, 12, stop_at_eos=False).token_ids
-    flash = Engine(ordered, ffn=ffn_factory(RunOptions(mode="flash", sparsity="oracle",
+    flash = Engine(ordered, ffn=ffn_factory(RunOptions(mode="flash", sparsity=None,
                                                        memory="95%", window=2, pin=0.1)))
     result = flash.generate(PROMPT, 12, stop_at_eos=False)
     assert result.token_ids == dense
@@ -56,7 +56,7 @@ def test_flash_with_pinned_hot_neurons_equals_dense(models):
 def test_pin_needs_statistics(models):
     plain, _ = models
     with pytest.raises(LLMFlashError, match="llmflash reorder"):
-        Engine(plain, ffn=ffn_factory(RunOptions(mode="flash", sparsity="oracle", memory="95%", pin=0.1)))
+        Engine(plain, ffn=ffn_factory(RunOptions(mode="flash", sparsity=None, memory="95%", pin=0.1)))
 
 
 def test_chain_puts_coactive_neurons_together():

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llmflash.compute import linear as mixed_linear
 from llmflash.config import ModelConfig
 from llmflash.errors import LLMFlashError
 
@@ -138,7 +139,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+    """x @ weight.T + bias with x float32 and weight at its stored dtype (llmflash.compute)."""
+    return mixed_linear(x, weight, bias)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:

@@ -40,7 +40,7 @@ class LlamaModel(Decoder):
         c, w = self.config, self.w
         start = cache.length
         self.ffn.begin_pass(ids.shape[0])
-        x = self.embed[ids]
+        x = self.embed[ids].to(self.dtype)  # weights may be half precision; activations not
         for layer in range(c.num_layers):
             p = f"model.layers.{layer}."
             x = x + self._attention(layer, rms_norm(x, w[p + "input_layernorm.weight"], c.norm_eps),

@@ -45,7 +45,7 @@ class OPTModel(Decoder):
         d = "model.decoder."
         start = cache.length
         self.ffn.begin_pass(ids.shape[0])
-        x = self.embed[ids]
+        x = self.embed[ids].to(self.dtype)  # weights may be half precision; activations not
         if c.word_embed_proj_dim:
             x = linear(x, w[d + "project_in.weight"])
         pos = torch.arange(start, start + ids.shape[0]) + POSITION_OFFSET

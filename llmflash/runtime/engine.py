@@ -15,11 +15,12 @@ from typing import Callable, Iterator
 import torch
 
 from llmflash.runtime.ffn import DenseFFN
+from llmflash.runtime.checked_ffn import FiniteCheckedFFN
 from llmflash.runtime.sampling import check_sampling, sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
 from llmflash.models.base import FFNProvider, KVCache
-from llmflash.format.layout import TOKENIZER_FILE, FlashModelDir
+from llmflash.format.layout import DTYPES, TOKENIZER_FILE, FlashModelDir
 from llmflash.runtime.tokenizer import Tokenizer
 
 
@@ -112,15 +113,36 @@ def load_tokenizer(model_dir: FlashModelDir) -> Tokenizer | None:
     entry = model_dir.manifest.get("tokenizer") or {}
     if not entry.get("file"):
         return None
-    return Tokenizer(model_dir.path / TOKENIZER_FILE, chat_template=entry.get("chat_template"),
+    # read once, checked against the manifest's sha256 (a same-size edit must not pass)
+    data = model_dir.read_verified(entry["file"], "tokenizer.file")
+    return Tokenizer(model_dir.path / entry["file"], chat_template=entry.get("chat_template"),
                      bos_token=entry.get("bos_token"), eos_token=entry.get("eos_token"),
-                     eos_ids=model_dir.config.eos_token_id)
+                     eos_ids=model_dir.config.eos_token_id, data=data)
 
 
 def dense_ffn(model_dir: FlashModelDir, dtype: torch.dtype) -> DenseFFN:
     """Every FFN layer read from the bundle file into DRAM (checksums checked on the way)."""
     layers = [model_dir.read_layer_bundles(i).to(dtype) for i in range(model_dir.config.num_layers)]
-    return DenseFFN(layers, model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold)
+    return DenseFFN(layers, model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold,
+                    activations=ACTIVATIONS)
+
+
+# Activations, norms, attention scores and the KV cache are float32 whatever the weights' dtype.
+ACTIVATIONS = torch.float32
+
+
+def weight_dtype(model_dir: FlashModelDir, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype weights are held at: as stored (None), or the one asked for."""
+    return DTYPES[model_dir.dtype] if dtype is None else dtype
+
+
+def load_weights(model_dir: FlashModelDir, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Resident tensors: matrices at `dtype`, vectors (norms, biases) as stored (float32)."""
+    weights = model_dir.load_resident(None)
+    for name, t in weights.items():
+        if t.dim() >= 2 and t.dtype != dtype:
+            weights[name] = t.to(dtype)
+    return weights
 
 
 _NOTED_SYNTHETIC: set[str] = set()
@@ -140,18 +162,27 @@ def note_if_synthetic(model_dir: FlashModelDir) -> None:
 class Engine:
     """A model ready to run: config, tokenizer, resident weights and an FFN provider."""
 
-    def __init__(self, path: Path | str, dtype: torch.dtype = torch.float32,
+    def __init__(self, path: Path | str, dtype: torch.dtype | None = None,
                  ffn: Callable[[FlashModelDir, torch.dtype], FFNProvider] | None = None):
+        """dtype: what weights are held at (None: as stored, float16/bfloat16/float32); the FFN
+        provider factory gets the same. Activations are float32 (ACTIVATIONS) in every case."""
         self.read_bytes_at_start = process_read_bytes()
         self.dir = FlashModelDir(path)
         self.config = self.dir.config
+        dtype = weight_dtype(self.dir, dtype)
         self.dtype = dtype
         note_if_synthetic(self.dir)
+        # a budget the plan shows cannot hold is refused before any weight is loaded
+        precheck = getattr(ffn, "precheck", None)
+        if precheck is not None:
+            precheck(self.dir, dtype)
         self.tokenizer = load_tokenizer(self.dir)
-        self.weights = self.dir.load_resident(dtype)
+        self.weights = load_weights(self.dir, dtype)
         self.ffn = (ffn or dense_ffn)(self.dir, dtype)
         self.context = self.config.max_position_embeddings
-        self.model = build_model(self.config, self.weights, self.ffn, self.context, dtype)
+        # non-finite FFN outputs are an error naming the layer, not NaN logits (checked_ffn.py)
+        self.model = build_model(self.config, self.weights, FiniteCheckedFFN(self.ffn, f" in {self.dir.path}"),
+                                 self.context, ACTIVATIONS)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmflash.compute import linear, matmul_rows
 from llmflash.format.layout import BundleLayout
 from llmflash.models.base import FFNProvider
 
@@ -17,6 +18,8 @@ from llmflash.models.base import FFNProvider
 def activate(x: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
     if act == "silu":
         return F.silu(x)
+    if act == "gelu_tanh":  # Gemma's GeGLU: transformers' gelu_pytorch_tanh
+        return F.gelu(x, approximate="tanh")
     if act == "relu":
         return F.relu(x)
     if act == "fatrelu":  # ProSparse: x where x > threshold, else 0
@@ -39,15 +42,26 @@ class BundleSlices:
         self.up_bias = span("up_bias")
         self.width = layout.elements
 
+    @classmethod
+    def empty(cls) -> "BundleSlices":
+        """No parts yet: for narrowed copies that keep only some columns of a bundle."""
+        s = cls.__new__(cls)
+        s.gate = s.up = s.down = s.gate_bias = s.up_bias = None
+        s.width = 0
+        return s
+
 
 def ffn_intermediate(x: torch.Tensor, rows: torch.Tensor, s: BundleSlices, act: str,
                      threshold: float = 0.0) -> torch.Tensor:
-    """Activations of the neurons in `rows` for inputs x: [T, hidden] -> [T, len(rows)]."""
-    up = F.linear(x, rows[:, s.up], None if s.up_bias is None else rows[:, s.up_bias].reshape(-1))
+    """Activations of the neurons in `rows` for inputs x: [T, hidden] -> [T, len(rows)].
+
+    rows may be held at a lower precision than x (weights at their stored dtype): the products
+    then go through llmflash.compute and the activations stay at x's dtype."""
+    up = linear(x, rows[:, s.up], None if s.up_bias is None else rows[:, s.up_bias].reshape(-1))
     if s.gate is None:  # OPT: act(fc1 x + b)
         return activate(up, act, threshold)
-    gate = F.linear(x, rows[:, s.gate],
-                    None if s.gate_bias is None else rows[:, s.gate_bias].reshape(-1))
+    gate = linear(x, rows[:, s.gate],
+                  None if s.gate_bias is None else rows[:, s.gate_bias].reshape(-1))
     return activate(gate, act, threshold) * up
 
 
@@ -55,17 +69,85 @@ def ffn_from_rows(x: torch.Tensor, rows: torch.Tensor, s: BundleSlices, act: str
                   threshold: float = 0.0) -> torch.Tensor:
     """FFN output (without the resident output bias) computed over the given neuron rows."""
     h = ffn_intermediate(x, rows, s, act, threshold)
-    return h @ rows[:, s.down]
+    return matmul_rows(h, rows[:, s.down])
 
 
 class DenseFFN(FFNProvider):
-    """Every layer's bundles held in DRAM: the speed ceiling when memory is plentiful."""
+    """Every layer's bundles held in DRAM: the speed ceiling when memory is plentiful.
 
-    def __init__(self, layers: list[torch.Tensor], layout: BundleLayout, act: str, threshold: float):
-        self.layers = layers
+    Weights at the activations' dtype (float32) are used as bundle rows. Weights held at a lower
+    precision are re-laid out once per layer at load, same bytes: the gate and up rows as one
+    contiguous [2n, d] matrix (one product for both), the down columns transposed to a contiguous
+    [d, n] matrix, the per-neuron biases as float32, so both products run in the dot-product
+    form that half-precision kernels are fast at (llmflash.compute). `layers[i]` still gives the
+    bundle rows (rebuilt on demand) for tools that want them.
+    """
+
+    def __init__(self, layers: list[torch.Tensor], layout: BundleLayout, act: str, threshold: float,
+                 activations: torch.dtype = torch.float32):
         self.slices = BundleSlices(layout)
         self.act = act
         self.threshold = threshold
+        self.activations = activations
+        self.packed: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
+        if layers and layers[0].dtype != activations:
+            self.packed = []
+            for i in range(len(layers)):  # one layer at a time: peak is one extra layer
+                self.packed.append(self._pack(layers[i]))
+                layers[i] = None  # type: ignore[call-overload]
+            self._layers = None
+        else:
+            self._layers = layers
+
+    def _pack(self, rows: torch.Tensor):
+        s = self.slices
+        parts = ([rows[:, s.gate]] if s.gate is not None else []) + [rows[:, s.up]]
+        gu = torch.cat(parts, 0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        biases = [rows[:, b].reshape(-1) for b in (s.gate_bias, s.up_bias) if b is not None]
+        bias = torch.cat(biases).to(self.activations) if biases else None
+        return gu, bias, rows[:, s.down].t().contiguous()
+
+    @property
+    def layers(self):
+        """Bundle rows per layer ([neurons, elements]); rebuilt from the packed form if packed."""
+        return self._layers if self.packed is None else _Rebuilt(self)
+
+    def _rebuild(self, layer: int) -> torch.Tensor:
+        gu, bias, down_t = self.packed[layer]
+        s, n = self.slices, down_t.shape[1]
+        rows = torch.zeros(n, s.width, dtype=gu.dtype)
+        if s.gate is not None:
+            rows[:, s.gate], rows[:, s.up] = gu[:n], gu[n:]
+        else:
+            rows[:, s.up] = gu
+        rows[:, s.down] = down_t.t()
+        if bias is not None:
+            k = 0
+            for b in (s.gate_bias, s.up_bias):
+                if b is not None:
+                    rows[:, b] = bias[k * n:(k + 1) * n].reshape(n, 1).to(gu.dtype)
+                    k += 1
+        return rows
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return ffn_from_rows(x, self.layers[layer], self.slices, self.act, self.threshold)
+        if self.packed is None:
+            return ffn_from_rows(x, self._layers[layer], self.slices, self.act, self.threshold)
+        gu, bias, down_t = self.packed[layer]
+        y = linear(x, gu, bias)
+        if self.slices.gate is not None:
+            gate, up = y.chunk(2, dim=-1)
+            h = activate(gate, self.act, self.threshold) * up
+        else:
+            h = activate(y, self.act, self.threshold)
+        return linear(h, down_t)
+
+
+class _Rebuilt:
+    def __init__(self, ffn: DenseFFN):
+        self.ffn = ffn
+
+    def __len__(self) -> int:
+        return len(self.ffn.packed)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.ffn._rebuild(layer)

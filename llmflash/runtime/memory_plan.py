@@ -3,38 +3,23 @@
 The budget is given as a share of the converted model's weights as stored (`50%`) or as bytes
 (`6GiB`). Selective persistence (PAPER.md §2): embeddings, attention, norms and predictors are
 resident; what is left of the budget goes to the per-layer neuron caches. Everything is counted
-in the bytes DRAM really holds, i.e. at the compute dtype, so a float16 model computed in float32
-needs twice its stored resident size.
+in the bytes DRAM really holds: weights at the dtype they are held at (as stored by default, so a
+float16 model's resident part costs its stored size; forcing float32 doubles it), vectors as stored.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
-
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
+from llmflash.sizes import parse_memory
 
 def parse_budget(spec: str, model_bytes: int) -> int:
-    """'50%' of the stored model, or an absolute size such as '6GiB', '300MB', '123456'."""
-    text = spec.strip().lower()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmgt]?i?b?)", text)
-    if not m:
-        raise LLMFlashError(f"cannot parse memory budget {spec!r}; use e.g. 50% or 6GiB")
-    value, unit = float(m.group(1)), m.group(2)
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise LLMFlashError(f"memory budget {spec!r} must be between 0% and 100%")
-        return int(model_bytes * value / 100)
-    if unit not in _UNITS:
-        raise LLMFlashError(f"unknown unit in memory budget {spec!r}")
-    return int(value * _UNITS[unit])
+    """The memory budget in bytes (llmflash.sizes.parse_memory: '50%' of the stored model or a size)."""
+    return parse_memory(spec, model_bytes)
 
 
 def model_weight_bytes(model_dir: FlashModelDir) -> int:
@@ -44,18 +29,21 @@ def model_weight_bytes(model_dir: FlashModelDir) -> int:
 
 
 def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
-    """DRAM bytes of the resident tensors once cast to the compute dtype."""
+    """DRAM bytes of the resident tensors as the engine holds them (runtime.engine.load_weights):
+    matrices at the weights' dtype, vectors (norms, biases) as stored."""
     from safetensors import safe_open
 
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
     with safe_open(str(model_dir.resident_path), framework="pt") as f:
         for name in f.keys():
-            shape = f.get_slice(name).get_shape()
+            piece = f.get_slice(name)
+            shape = piece.get_shape()
             n = 1
             for s in shape:
                 n *= s
-            total += n * item
+            stored = {"F16": 2, "BF16": 2, "F32": 4}.get(piece.get_dtype(), 4)
+            total += n * (item if len(shape) >= 2 else stored)
     return total
 
 

@@ -13,78 +13,84 @@ from dataclasses import dataclass
 
 import torch
 
-from llmflash.runtime.memory_plan import plan_memory
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
+from llmflash.runtime import providers
+from llmflash.runtime.engine import dense_ffn
+from llmflash.runtime.memory_plan import plan_memory
+from llmflash.runtime.reader import FlashReader
+from llmflash.runtime.selectors import make_selector, resolve_sparsity
+from llmflash.runtime.sparse_ffn import sparse_ffn_factory
 
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
 PREDICTOR_DTYPE = torch.float16
 SCRATCH_SHARE = 1 / 8  # of the cache rows, for streaming selections that overflow a layer's cache
-SPARSITY = ("none", "oracle", "predictor")
+READERS = ("auto", "aio", "threads")
 
 
 @dataclass
 class RunOptions:
+    """How a model runs: the mode, the memory budget, the selector and the reader."""
+
     mode: str = "dense"
-    memory: str = "50%"
-    window: int = 5
-    sparsity: str = "predictor"
-    threads: int = 32
+    memory: str = "50%"  # the memory budget (flash, hybrid): a share of the stored model or a size
+    window: int = 5  # tokens whose neurons stay cached (flash)
+    sparsity: str | None = None  # selector name (runtime.selectors); None = auto for the mode
+    density: float | None = None  # share of neurons a magnitude/predictor selector keeps per token
+    threads: int = 32  # reads in flight
     pin: float = 0.0  # share of each layer's neurons pinned in DRAM (hottest first)
-    sparsity_budget: float | None = None  # predictor thresholds that selected this share
     reader: str = "auto"  # auto (kernel AIO where allowed) | aio | threads
 
-
-def make_selector(model_dir: FlashModelDir, dtype: torch.dtype, sparsity: str,
-                  budget: float | None = None):
-    if sparsity == "oracle":
-        from llmflash.runtime.providers import OracleSelector
-
-        return OracleSelector(model_dir, dtype)
-    if sparsity == "predictor":
-        try:
-            from llmflash.runtime.predictors import PredictorSet
-        except ImportError:  # pragma: no cover - the sparsity package ships with llmflash
-            raise LLMFlashError("predictors are not available in this build") from None
-        # Held at float16, the precision they are stored in: half the DRAM of float32 for the
-        # same selections, which leaves that much more of the budget to the neuron caches.
-        predictors = PredictorSet.load(model_dir, PREDICTOR_DTYPE)
-        if budget is not None:
-            predictors.use_budget(budget)
-        return predictors
-    if sparsity == "none":
-        raise LLMFlashError("flash mode reads only selected neurons: use --sparsity predictor or oracle "
-                            "(or --mode naive/hybrid to read every neuron)")
-    raise LLMFlashError(f"unknown --sparsity {sparsity!r}; choose one of {SPARSITY}")
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise LLMFlashError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.window < 1:
+            raise LLMFlashError(f"window must be at least 1 token, got {self.window}")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise LLMFlashError(f"density must be in (0, 1], got {self.density}")
+        if self.threads < 1:
+            raise LLMFlashError(f"threads must be at least 1, got {self.threads}")
+        if not 0 <= self.pin < 1:
+            raise LLMFlashError(f"pin must be in [0, 1), got {self.pin}")
+        if self.reader not in READERS:
+            raise LLMFlashError(f"unknown reader {self.reader!r}; choose one of {', '.join(READERS)}")
 
 
 def ffn_factory(options: RunOptions):
-    """A factory(model_dir, dtype) -> FFN provider for Engine, per the options."""
-    if options.mode not in MODES:
-        raise LLMFlashError(f"unknown --mode {options.mode!r}; choose one of {', '.join(MODES)}")
-    if options.window < 1:
-        raise LLMFlashError("--window must be at least 1")
+    """A factory(model_dir, dtype) -> FFN provider for Engine, per the options.
+
+    The one place that decides what runs: dense without a selector is the whole FFN in DRAM, dense
+    with one is a sparse run in DRAM (SparseFFN), flash reads the selected bundles, and the
+    baselines read everything."""
+    options.check()
 
     def build(model_dir: FlashModelDir, dtype: torch.dtype):
-        from llmflash.runtime import providers as flash
-        from llmflash.runtime.engine import dense_ffn
-        from llmflash.runtime.reader import FlashReader
-
+        sparsity = resolve_sparsity(model_dir, options.sparsity, options.mode)
         if options.mode == "dense":
-            return dense_ffn(model_dir, dtype)
+            if sparsity == "none":
+                return dense_ffn(model_dir, dtype)
+            return sparse_ffn_factory(sparsity, options.density)(model_dir, dtype)
         if options.mode == "mmap":
-            return flash.MmapFFN(model_dir, dtype)
+            return providers.MmapFFN(model_dir, dtype)
         reader = FlashReader(threads=options.threads, backend=options.reader)
         if options.mode == "naive":
-            return flash.NaiveFFN(model_dir, dtype, reader)
+            return providers.NaiveFFN(model_dir, dtype, reader)
         if options.mode == "hybrid":
             plan = plan_memory(model_dir, options.memory, dtype)
-            return flash.NaiveFFN(model_dir, dtype, reader, resident_layers=plan.resident_ffn_layers)
-        selector = make_selector(model_dir, dtype, options.sparsity, options.sparsity_budget)
-        # The oracle's resident gate copy is an instrument, reported but not charged to the budget.
-        charged = 0 if options.sparsity == "oracle" else selector.nbytes()
-        plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=charged,
+            return providers.NaiveFFN(model_dir, dtype, reader, resident_layers=plan.resident_ffn_layers)
+        if sparsity == "none":
+            raise LLMFlashError("flash mode reads only selected neurons: choose a selector (predictor, exact, "
+                                "magnitude, trace:PATH), or mode naive/hybrid to read every neuron")
+        selector = make_selector(model_dir, sparsity, dtype, options.density, predictor_dtype=PREDICTOR_DTYPE)
+        # Every selector's resident bytes are charged to the budget, instruments included.
+        plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=selector.nbytes(),
                            window=options.window, scratch_share=SCRATCH_SHARE)
-        return flash.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
+        return providers.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
 
+    def precheck(model_dir: FlashModelDir, dtype: torch.dtype) -> None:
+        """Engine calls this before loading weights: the resident part alone must fit the budget."""
+        if options.mode in ("flash", "hybrid"):
+            plan_memory(model_dir, options.memory, dtype)
+
+    build.precheck = precheck
     return build

@@ -139,8 +139,8 @@ class QuantLayer:
 class PredictorSet:
     """All layers' predictors, resident in DRAM, with their tuned decision thresholds.
 
-    `logits(layer, x)` is the score that `mask` / `select` compare with the layer's threshold
-    (selected where score >= threshold): the low-rank logit z, or for the quant kind the log of
+    `logits(layer, x)` is the score that runtime.selectors.PredictorSelector compares with the
+    layer's threshold (selected where score >= threshold): the low-rank logit z, or for the quant kind the log of
     the estimated magnitude (non-ReLU) / the estimated pre-activation minus the activation
     threshold (ReLU)."""
 
@@ -240,18 +240,6 @@ class PredictorSet:
         if self.q is not None:
             return torch.sigmoid(self.logits(layer, x) - self.z_threshold[layer])
         return torch.sigmoid(self.logits(layer, x))
-
-    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Boolean [T, n_neurons]: the neurons selected for each input row."""
-        return self.logits(layer, x) >= self.z_threshold[layer]
-
-    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
-        """Neuron ids (original index space, int64) selected for any row of x, most confident first."""
-        z = self.logits(layer, x.reshape(-1, x.shape[-1]))
-        best = z.max(dim=0).values
-        ids = torch.nonzero(best >= self.z_threshold[layer]).reshape(-1)
-        ids = ids[torch.argsort(best[ids], descending=True, stable=True)]
-        return ids.numpy().astype(np.int64, copy=False)
 
     def nbytes(self) -> int:
         """Bytes held resident (low-rank: in the compute dtype the set was loaded with; quant: the

@@ -1,7 +1,7 @@
 """FFN providers that keep the FFN on flash: ours (flash) and the baselines (naive, hybrid, mmap).
 
 flash (PAPER.md §3-§6), per layer and token:
-    selector(x) -> neuron set S_t  (predictor, or an oracle for exactness tests)
+    selector.select(layer, x).ids() -> neuron set S_t  (runtime.selectors: predictor, exact, ...)
     cache.step(S_t) -> neurons the window does not hold yet; evictions happen here
     reader.read_bundles(...) -> only those bundles, coalesced, O_DIRECT, many in flight
     cache.fill(...) ; FFN over the cache's used rows
@@ -15,102 +15,25 @@ engine turns the rest of a step's wall time into compute time.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from llmflash.runtime.neuron_cache import NeuronCache
-from llmflash.runtime.ffn import BundleSlices, activate, ffn_from_rows
+from llmflash.runtime.ffn import BundleSlices, ffn_from_rows
 from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
 from llmflash.runtime.reader import FlashFile, FlashReader, aligned_empty
+from llmflash.format.integrity import BundleChecks
 from llmflash.format.layout import NUMPY_VIEW, FlashModelDir
 from llmflash.models.base import FFNProvider
+from llmflash.runtime.selectors import NeuronSelector
 
 PREFILL_CHUNK_BYTES = 4 << 20  # bundles streamed per read while processing a prompt
-
-
-class NeuronSelector(Protocol):
-    """Chooses the neurons a token needs, before the FFN runs (PAPER.md §3)."""
-
-    name: str
-
-    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
-        """Neuron ids (original index space), most important first, union over x's rows."""
-
-    def nbytes(self) -> int:
-        """Resident bytes this selector holds."""
-
-
-class OracleSelector:
-    """The truly needed neurons, computed from resident copies of the weights that decide them.
-
-    ReLU/FATReLU: the non-zero neurons, from a copy of the gate (or OPT's fc1) rows; exact, since
-    every neuron left out is exactly zero. SiLU: the `density` share of neurons with the largest
-    |silu(gate)·up| for each token (PAPER.md's magnitude criterion; measured +2-3% perplexity at
-    50% on SmolLM2), from copies of the gate and up rows. It is an instrument, not a method: it
-    holds `nbytes()` of weights in DRAM that a real deployment would not have, and stats say so.
-    """
-
-    name = "oracle"
-
-    def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, density: float = 0.5):
-        cfg = model_dir.config
-        s = BundleSlices(model_dir.bundle)
-        self.exact = cfg.hidden_act in ("relu", "fatrelu")
-        self.act, self.threshold, self.density = cfg.hidden_act, cfg.act_threshold, density
-        # Which bundle parts decide a neuron: the gate (fc1 for OPT) with its bias; for SiLU the
-        # up part too. Only those columns are copied, and `self.local` locates them in the copy.
-        wanted = ["gate", "gate_bias"] if s.gate is not None else ["up", "up_bias"]
-        if not self.exact:
-            wanted += ["up", "up_bias"]
-        columns, self.local = [], {}
-        for name in dict.fromkeys(wanted):
-            span = getattr(s, name)
-            if span is not None:
-                self.local[name] = slice(len(columns), len(columns) + span.stop - span.start)
-                columns += range(span.start, span.stop)
-        index = torch.tensor(columns)
-        self.layers = []
-        for layer, region in enumerate(model_dir.layers):
-            rows = model_dir.read_layer_bundles(layer)
-            by_neuron = rows[torch.from_numpy(np.argsort(region.permutation()))]
-            self.layers.append(by_neuron[:, index].to(dtype).contiguous())
-
-    def _part(self, layer: int, x: torch.Tensor, name: str) -> torch.Tensor:
-        rows = self.layers[layer]
-        out = x @ rows[:, self.local[name]].t()
-        bias = self.local.get(name + "_bias")
-        return out if bias is None else out + rows[:, bias].reshape(-1)
-
-    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
-        key = "gate" if "gate" in self.local else "up"
-        act = activate(self._part(layer, x, key), self.act, self.threshold)
-        if self.exact:
-            strength = act.abs().amax(dim=0)
-        else:
-            mag = (act * self._part(layer, x, "up")).abs()
-            k = max(1, int(round(self.density * mag.shape[1])))
-            cut = torch.topk(mag, k, dim=1).values[:, -1:]
-            strength = torch.where(mag >= cut, mag, torch.zeros(())).amax(dim=0)
-        ids = torch.nonzero(strength > 0).reshape(-1)
-        order = torch.argsort(strength[ids], descending=True)
-        return ids[order].numpy()
-
-    def nbytes(self) -> int:
-        return sum(w.numel() * w.element_size() for w in self.layers)
-
-
-def oracle_nbytes(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
-    """Bytes the oracle's resident copies take, without building them (for memory limits)."""
-    cfg = model_dir.config
-    per_neuron = cfg.hidden_size * (1 if cfg.hidden_act in ("relu", "fatrelu") else 2) + 2
-    item = torch.empty((), dtype=dtype).element_size()
-    return per_neuron * item * cfg.intermediate_size * cfg.num_layers
 
 
 @dataclass
@@ -150,6 +73,9 @@ class _FlashBacked(FFNProvider):
         self.reader = reader or FlashReader()
         self.bundle_bytes = model_dir.bundle.nbytes
         self.log = TokenLog()
+        # per-bundle digests checked on every scattered read (format/integrity.py)
+        self.checks = BundleChecks.load(model_dir)
+        self.verify_s, self.verified_bundles = 0.0, 0
 
     def begin_pass(self, tokens: int) -> None:
         self.log.start()
@@ -173,10 +99,23 @@ class _FlashBacked(FFNProvider):
                      io_model_s=after.model_seconds - before.model_seconds)
         return out
 
+    def _bundles(self, layer: int, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The bundles at `slots` of `layer` (uint8 rows), each checked against its digest."""
+        raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset, self.bundle_bytes,
+                         slots, out)
+        if self.checks is not None:
+            t0 = time.perf_counter()
+            self.checks.verify(layer, slots, raw)
+            self.verify_s += time.perf_counter() - t0
+            self.verified_bundles += len(slots)
+        return raw
+
     def _layer_rows(self, layer: int, buffer: np.ndarray) -> torch.Tensor:
         """A whole layer read from flash into `buffer` and viewed as rows (the baselines' path)."""
         region = self.dir.layers[layer]
         raw = self._read(self.reader.read_range, region.offset, region.nbytes, buffer)
+        if self.dir.layer_verifier.needed(layer):  # once per layer and process (integrity.py)
+            self.dir.layer_verifier.check(layer, raw[: region.nbytes])
         rows = self._as_rows(raw[: region.nbytes].reshape(region.neurons, self.bundle_bytes))
         return rows.to(self.dtype)
 
@@ -207,16 +146,21 @@ class FlashFFN(_FlashBacked):
         # Selected neurons that do not fit a layer's cache even with the window shrunk to one
         # token are read into these rows wave by wave, computed and forgotten (charged to the plan).
         self.scratch = torch.empty(plan.scratch_rows, model_dir.bundle.elements, dtype=dtype)
-        # When the compute dtype is the stored one, reads land in the scratch rows directly
-        # (numpy has no bfloat16, so that dtype keeps the copy).
-        direct = str(dtype) == f"torch.{model_dir.bundle.dtype}" and dtype != torch.bfloat16
-        self._scratch_bytes = self.scratch.numpy().view(np.uint8) if direct else None
+        # When weights are held as stored (the default), reads land in the scratch rows directly
+        # (viewed as bytes, which works for bfloat16 too, which numpy lacks).
+        direct = str(dtype) == f"torch.{model_dir.bundle.dtype}"
+        self._scratch_bytes = (self.scratch.view(torch.uint8).numpy().reshape(len(self.scratch), -1)
+                               if direct else None)
         self.log.start()  # the pinned rows' one-time load, reported apart from the tokens
         for layer, cache in enumerate(self.caches):
             self._load_plan(layer, cache.initial_plan())
         self.pinned_load = {"io_ms": self.log.io_s[0] * 1000, "bytes": self.log.bytes[0],
                             "reads": self.log.reads[0]}
         self.log = TokenLog()
+
+    def begin_pass(self, tokens: int) -> None:
+        super().begin_pass(tokens)
+        self.selector.begin_pass(tokens)
 
     def _pinned(self, layer: int, pin: float) -> np.ndarray | None:
         """The layer's hottest neurons (from `llmflash reorder`), at most half the cache."""
@@ -232,15 +176,14 @@ class FlashFFN(_FlashBacked):
 
     def _load_plan(self, layer: int, plan) -> None:
         if len(plan):
-            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
-                             self.bundle_bytes, self.slot_of[layer][plan.neurons])
+            raw = self._bundles(layer, self.slot_of[layer][plan.neurons])
             self.caches[layer].fill(plan, self._as_rows(raw))
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1:
             return self._prompt(layer, x)
         t0 = time.perf_counter()
-        ids = self.selector.select(layer, x)
+        ids = self.selector.select(layer, x).ids()
         self.log.add(select_s=time.perf_counter() - t0)
         overflow = self._admit(layer, ids)
         y = ffn_from_rows(x, self.caches[layer].used_rows(), self.slices, self.act, self.threshold)
@@ -258,8 +201,7 @@ class FlashFFN(_FlashBacked):
             part = neurons[start : start + len(self.scratch)]
             rows = self.scratch[: len(part)]
             direct = None if self._scratch_bytes is None else self._scratch_bytes[: len(part)]
-            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
-                             self.bundle_bytes, self.slot_of[layer][part], direct)
+            raw = self._bundles(layer, self.slot_of[layer][part], direct)
             if direct is None:
                 t0 = time.perf_counter()
                 rows.copy_(self._as_rows(raw))
@@ -274,8 +216,7 @@ class FlashFFN(_FlashBacked):
         plan = cache.step(ids)
         mem = time.perf_counter() - t0
         if len(plan):
-            raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
-                             self.bundle_bytes, self.slot_of[layer][plan.neurons])
+            raw = self._bundles(layer, self.slot_of[layer][plan.neurons])
             t1 = time.perf_counter()
             cache.fill(plan, self._as_rows(raw))
             mem += time.perf_counter() - t1
@@ -294,28 +235,34 @@ class FlashFFN(_FlashBacked):
         region = self.dir.layers[layer]
         chunk = max(1, min(len(scratch), PREFILL_CHUNK_BYTES // self.bundle_bytes))
         y = torch.zeros_like(x)
+        sha = hashlib.sha256() if self.dir.layer_verifier.needed(layer) else None
         for start in range(0, region.neurons, chunk):
             k = min(chunk, region.neurons - start)
             raw = self._read(self.reader.read_range, region.offset + start * self.bundle_bytes,
                              k * self.bundle_bytes)
+            if sha is not None:  # the layer's sha256, hashed as its chunks arrive
+                sha.update(raw[: k * self.bundle_bytes])
             t0 = time.perf_counter()
             scratch[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
             self.log.add(mem_s=time.perf_counter() - t0)
             y += ffn_from_rows(x, scratch[:k], self.slices, self.act, self.threshold)
+        if sha is not None:
+            self.dir.layer_verifier.finish(layer, sha.hexdigest())
         cache.reset()
         t0 = time.perf_counter()
-        ids = self.selector.select(layer, x[-1:])
+        ids = self.selector.select(layer, x[-1:]).ids()
         self.log.add(select_s=time.perf_counter() - t0)
         self._admit(layer, ids)
         return y
 
     def summary(self) -> dict:
-        return {"selector": getattr(self.selector, "name", "predictor"),
-                "selector_bytes": self.selector.nbytes(),
+        return {**self.selector.summary(),
                 "window": self.window, "memory_plan": self.plan.to_dict(),
                 "pinned_per_layer": [0 if p is None else len(p) for p in self.pinned],
                 "pinned_load": self.pinned_load,
-                "direct_io": self.file.direct}
+                "direct_io": self.file.direct,
+                "verify": {"bundles": self.verified_bundles, "ms": round(self.verify_s * 1000, 3),
+                           "algorithm": None if self.checks is None else "xxh3_64"}}
 
 
 class NaiveFFN(_FlashBacked):
@@ -360,8 +307,10 @@ class MmapFFN(FFNProvider):
         self._map = mmap.mmap(self._file.fileno(), 0, prot=mmap.PROT_READ)
         raw = np.frombuffer(self._map, dtype=np.uint8)
         self.layers = []
+        self._raw_layers = []  # uint8 views, checked once each on first use (integrity.py)
         for region in model_dir.layers:
             arr = raw[region.offset: region.offset + region.nbytes]
+            self._raw_layers.append(arr)
             arr = arr.view(NUMPY_VIEW[model_dir.bundle.dtype]).reshape(region.neurons, -1)
             self.layers.append(arr)
         self.log = TokenLog()
@@ -378,6 +327,8 @@ class MmapFFN(FFNProvider):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         import warnings
 
+        if self.dir.layer_verifier.needed(layer):
+            self.dir.layer_verifier.check(layer, self._raw_layers[layer])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only mapping: we never write
             rows = torch.from_numpy(self.layers[layer])

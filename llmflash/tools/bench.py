@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from llmflash.runtime.memory_plan import model_weight_bytes, parse_budget
 from llmflash.errors import LLMFlashError
@@ -94,18 +93,30 @@ class MemoryLimit:
                 pass
 
 
+def hard_timeout(max_seconds: float | None) -> float:
+    """When bench kills a mode outright: its child stops itself after the token during which
+    --max-seconds passes, so this only catches a mode whose load or single token overruns a lot."""
+    return 3600.0 if max_seconds is None else max_seconds + max(60.0, max_seconds)
+
+
 def run_mode(model: Path, mode: str, prompt_ids: list[int], tokens: int, memory: str, window: int,
              sparsity: str, limit: int | None, dtype: str, pin: float = 0.0,
-             extra_args: tuple[str, ...] = ()) -> dict:
+             extra_args: tuple[str, ...] = (), max_seconds: float | None = None) -> dict:
     drop_page_cache(model)
     cmd = [sys.executable, "-m", "llmflash", "generate", str(model), "--ids",
            ",".join(map(str, prompt_ids)), "--max-new-tokens", str(tokens), "--mode", mode,
            "--memory", memory, "--window", str(window),
            "--sparsity", sparsity if mode == "flash" else "none", "--json",
            "--dtype", dtype, "--ignore-eos", "--pin", str(pin), *extra_args]
+    if max_seconds is not None:
+        cmd += ["--max-seconds", str(max_seconds)]
     cg = MemoryLimit(limit)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter, timeout=3600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter,
+                              timeout=hard_timeout(max_seconds))
+    except subprocess.TimeoutExpired:
+        return {"killed_after_s": hard_timeout(max_seconds),
+                "memory_limit_bytes": limit if cg.path is not None else None}
     finally:
         cg.close()
     if proc.returncode in (-9, 137) and cg.path is not None:
@@ -123,6 +134,52 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> dict:
+    """STREAM-like copy: numpy copy of `nbytes` into another buffer, best of `repeats`; bytes read
+    plus bytes written per second, as STREAM counts its Copy kernel."""
+    import numpy as np
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # first touch: page faults outside the timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return {"copy_Bps": 2 * src.nbytes / best, "bytes": src.nbytes, "repeats": repeats,
+            "method": "numpy.copyto, best of repeats, read + write bytes counted (STREAM Copy)"}
+
+
+def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
+    """Weight bytes one dense decode step reads: every resident matrix at the dtype weights are
+    held at (an untied input embedding and OPT's position table only by one row), every FFN bundle
+    at that dtype, and the 1-D tensors as stored. The KV cache (a few MB) is left out."""
+    from safetensors import safe_open
+
+    from llmflash.format.layout import DTYPES
+
+    held = DTYPES[model_dir.dtype] if dtype == "auto" else DTYPES[dtype]
+    item = {"float16": 2, "bfloat16": 2, "float32": 4}[str(held).replace("torch.", "")]
+    total = 0
+    with safe_open(str(model_dir.resident_path), framework="pt") as f:
+        names = set(f.keys())
+        tied = not any(n.endswith("lm_head.weight") for n in names)
+        for name in names:
+            piece = f.get_slice(name)
+            shape = piece.get_shape()
+            n = 1
+            for s in shape:
+                n *= s
+            if len(shape) < 2:
+                total += n * {"F16": 2, "BF16": 2, "F32": 4}.get(piece.get_dtype(), 4)
+                continue
+            one_row = "embed_positions" in name or ("embed_tokens" in name and not tied)
+            total += (shape[-1] if one_row else n) * item
+    ffn = sum(r.neurons for r in model_dir.layers) * model_dir.bundle.elements * item
+    return total + ffn
+
+
 def _p10_p90(values: list[float]) -> list[float]:
     if len(values) < 2:
         return [_median(values)] * 2
@@ -130,7 +187,11 @@ def _p10_p90(values: list[float]) -> list[float]:
     return [float(q[0]), float(q[-1])]
 
 
-def summarise(run: dict) -> dict:
+def summarise(run: dict, max_seconds: float | None = None) -> dict:
+    if "killed_after_s" in run:  # no output at all: report the mode as cut, not drop it
+        return {"tokens_per_s": None, "ms_per_token": None, "decode_tokens": 0, "token_ids": [],
+                "cut_at_s": max_seconds, "killed_after_s": run["killed_after_s"],
+                "memory_limit_bytes": run["memory_limit_bytes"]}
     s, t = run["stats"], run["timing"]
     per_token = [a + b + c for a, b, c in zip(s["io_ms"], s["mem_ms"], s["compute_ms"])]
     io_s = sum(s["io_ms"]) / 1000
@@ -140,7 +201,10 @@ def summarise(run: dict) -> dict:
     predicted = sum(s.get("io_model_ms", [])) / 1000
     return {
         "tokens_per_s": t["tokens_per_s"],
-        "ms_per_token": _median(per_token),
+        "ms_per_token": _median(per_token) if per_token else None,
+        "finish_reason": run.get("finish_reason"),
+        # stopped by --max-seconds after these tokens (reported, not dropped)
+        "cut_at_s": max_seconds if run.get("finish_reason") == "time" else None,
         "ms_per_token_p10_p90": _p10_p90(per_token),
         "io_ms": _median(s["io_ms"]), "mem_ms": _median(s["mem_ms"]),
         "compute_ms": _median(s["compute_ms"]),
@@ -157,16 +221,17 @@ def summarise(run: dict) -> dict:
         "decode_tokens": t["decode_tokens"],
         "token_ids": run["token_ids"],
         **({"memory_plan": s["memory_plan"], "selector": s.get("selector"),
+            "verify": s.get("verify"),  # per-bundle checks: bundles, total ms (docs/INTEGRITY.md)
             "rows_used_median": _median(s["rows_used"]),
             "neurons_loaded_median": _median(s["neurons_loaded"])} if "memory_plan" in s else {}),
     }
 
 
 def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
-          prompt_tokens: int = 64, sparsity: str = "predictor", modes: tuple[str, ...] = MODES_ORDER,
-          dtype: str = "float32", limit_memory: bool = True, pin: float = 0.0,
-          threads: int = 32, reader: str = "auto", sparsity_budget: float | None = None,
-          progress=print) -> dict:
+          prompt_tokens: int = 64, sparsity: str = "auto", modes: tuple[str, ...] = MODES_ORDER,
+          dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
+          threads: int = 32, reader: str = "auto", density: float | None = None,
+          max_seconds: float | None = None, progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.runtime.engine import load_tokenizer
 
@@ -181,24 +246,26 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
     overhead = runtime_overhead_bytes()
     profile = load_default_profile()
     result = {"model": str(model), "memory": memory, "budget_bytes": budget, "window": window,
-              "pin": pin, "threads": threads, "reader": reader, "sparsity_budget": sparsity_budget,
+              "pin": pin, "threads": threads, "reader": reader, "density": density,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
-              "modes": {}}
+              "max_seconds": max_seconds, "modes": {}}
+    bandwidth = result["memory_bandwidth"] = copy_bandwidth()
     for mode in modes:
         progress(f"bench: running {mode} ...")
         started = time.perf_counter()
         limit = budget + overhead + FIXED_OVERHEAD_BYTES if (limit_memory and mode != "dense") else None
-        if limit is not None and mode == "flash" and sparsity == "oracle":
-            from llmflash.runtime.providers import oracle_nbytes
-
-            limit += oracle_nbytes(model_dir, torch.float32)  # the instrument, outside the budget
         extra = ("--threads", str(threads), "--reader", reader)
-        if mode == "flash" and sparsity_budget is not None:
-            extra += ("--sparsity-budget", str(sparsity_budget))
+        if mode == "flash" and density is not None:
+            extra += ("--density", str(density))
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
-                       pin if mode == "flash" else 0.0, extra)
-        result["modes"][mode] = summarise(run)
+                       pin if mode == "flash" else 0.0, extra, max_seconds)
+        result["modes"][mode] = summarise(run, max_seconds)
+        if mode == "dense" and result["modes"][mode]["ms_per_token"]:
+            r = result["modes"][mode]
+            r["bytes_touched_per_token"] = dense_bytes_per_token(model_dir, dtype)
+            r["bandwidth_floor_ms"] = 1000 * r["bytes_touched_per_token"] / bandwidth["copy_Bps"]
+            r["vs_bandwidth"] = r["ms_per_token"] / r["bandwidth_floor_ms"]
         result["modes"][mode]["wall_s"] = time.perf_counter() - started
     m = result["modes"]
     ratios = {}
@@ -218,14 +285,30 @@ def table(result: dict) -> str:
              f"sparsity {result['sparsity']}  prompt {result['prompt_tokens']} + {result['tokens']} tokens",
              f"{'mode':8}{'tok/s':>8}{'ms/tok':>9}{'io ms':>8}{'mem ms':>8}{'comp ms':>9}"
              f"{'KiB/tok':>10}{'reads/tok':>10}{'MB/s':>8}{'model MB/s':>11}{'peak RSS':>10}"]
+    notes = []
     for mode, r in result["modes"].items():
+        if r.get("cut_at_s") is not None:
+            how = (f"killed after {r['killed_after_s']:.0f} s with no output" if "killed_after_s" in r
+                   else f"{r['decode_tokens'] + 1} of {result['tokens']} tokens")
+            notes.append(f"{mode}: cut at --max-seconds {r['cut_at_s']:g} ({how})")
+        if r["ms_per_token"] is None:
+            lines.append(f"{mode + ('*' if r.get('cut_at_s') is not None else ''):8}{'-':>8}{'-':>9}")
+            continue
         tps = r["tokens_per_s"] or 0.0
         thr = r["read_throughput_Bps"]
         model_thr = r["profile_throughput_Bps"]
         lines.append(
-            f"{mode:8}{tps:8.2f}{r['ms_per_token']:9.1f}{r['io_ms']:8.1f}{r['mem_ms']:8.2f}"
+            f"{mode + ('*' if r.get('cut_at_s') is not None else ''):8}{tps:8.2f}{r['ms_per_token']:9.1f}{r['io_ms']:8.1f}{r['mem_ms']:8.2f}"
             f"{r['compute_ms']:9.1f}{r['bytes_read_per_token'] / 1024:10.0f}{r['reads_per_token']:10.0f}"
             f"{(thr or 0) / 1e6:8.0f}{(model_thr or 0) / 1e6:11.0f}{r['peak_rss_bytes'] / 2**20:9.0f}M")
+    lines += [f"* {n}" for n in notes]
+    bw = result.get("memory_bandwidth")
+    dense = result["modes"].get("dense", {})
+    if bw:
+        lines.append(f"memory bandwidth (STREAM-like copy, read + write): {bw['copy_Bps'] / 1e9:.1f} GB/s"
+                     + (f"; dense touches {dense['bytes_touched_per_token'] / 1e6:.0f} MB per token: "
+                        f"floor {dense['bandwidth_floor_ms']:.1f} ms, measured {dense['ms_per_token']:.1f} ms "
+                        f"= {dense['vs_bandwidth']:.2f}x the floor" if dense.get("vs_bandwidth") else ""))
     for name, value in result["ratios"].items():
         lines.append(f"{name}: {value:.2f}x" if isinstance(value, float) else f"{name}: {value}")
     lines.append(f"runtime overhead (python + torch, no model): {result['runtime_overhead_bytes'] / 2**20:.0f} MiB"
@@ -243,7 +326,7 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LLMFlashError("--plot needs matplotlib: pip install matplotlib") from None
-    modes = list(result["modes"])
+    modes = [m for m in result["modes"] if result["modes"][m]["ms_per_token"] is not None]
     io = [result["modes"][m]["io_ms"] for m in modes]
     mem = [result["modes"][m]["mem_ms"] for m in modes]
     comp = [result["modes"][m]["compute_ms"] for m in modes]

@@ -1,7 +1,8 @@
 """Accuracy of sparse execution on held-out text: perplexity, predictor quality, window statistics.
 
-One engine with a `SparseFFN` runs the same windows three times: dense ("none"), oracle-sparse
-and predictor-sparse. During the dense run every layer's FFN input is also scored against the truth:
+One engine with a `SparseFFN` runs the same windows three times: dense ("none"), reference-sparse
+(the `exact` selector on ReLU models; on the others the `magnitude` criterion at the calibrated
+per-layer thresholds) and predictor-sparse. During the dense run every layer's FFN input is also scored against the truth:
 
 * per layer: recall and precision of the predictor's selection against the truly active neurons
   (ReLU: activation != 0; otherwise the calibrated magnitude criterion), the fraction selected and
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from llmflash.runtime.engine import Engine
-from llmflash.runtime.layer_weights import is_relu, layer_weights
+from llmflash.runtime.layer_weights import is_relu
+from llmflash.runtime.selectors import ExactSelector, MagnitudeSelector, PredictorSelector
 from llmflash.tools.text import text_windows, window_nll
 from llmflash.runtime.sparse_ffn import SparseFFN
 from llmflash.format.sparsity_store import PREDICTORS_FILE, STATS_FILE, SparsityStore
@@ -34,22 +36,21 @@ SKIP = 8
 class _Scorer:
     """Observer of the dense pass: per-layer selection metrics and window statistics."""
 
-    def __init__(self, model_dir, predictors, thresholds, criterion):
-        L = model_dir.config.num_layers
-        self.w = [layer_weights(model_dir, l) for l in range(L)]
-        self.predictors = predictors
-        self.thresholds = thresholds
+    def __init__(self, weights, reference, predictor, criterion):
+        L = len(weights)
+        self.w = weights
+        self.reference = reference
+        self.predictor = predictor
         self.criterion = criterion
         self.counts = np.zeros((L, 4), dtype=np.int64)  # tp, selected, active, total
         self.mags = np.zeros((L, 2))  # magnitude of truly active neurons: selected, all
         self.win = {"predictor": np.zeros((MAX_K, 3)), "active": np.zeros((MAX_K, 3))}  # held, new, rows
 
     def __call__(self, layer: int, x: torch.Tensor) -> None:
-        thr = None if self.thresholds is None else self.thresholds[layer]
-        active = self.w[layer].active(x.float(), self.criterion, thr)
+        active = self.reference.select(layer, x).mask
         sets = {"active": active}
-        if self.predictors is not None:
-            sel = self.predictors.mask(layer, x)
+        if self.predictor is not None:
+            sel = self.predictor.select(layer, x).mask
             sets["predictor"] = sel
             self.counts[layer] += [int((sel & active).sum()), int(sel.sum()), int(active.sum()), sel.numel()]
             mag = self.w[layer].scores(x.float(), self.criterion) * active
@@ -75,17 +76,19 @@ def _window_counts(m: torch.Tensor, acc: np.ndarray) -> None:
 
 
 def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int = 512,
-             progress: bool = True, modes: tuple[str, ...] = ("none", "oracle", "predictor"),
-             budget: float | None = None) -> dict:
+             progress: bool = True, modes: tuple[str, ...] = ("none", "reference", "predictor"),
+             density: float | None = None) -> dict:
     from tqdm import tqdm
 
     from llmflash.runtime.predictors import PredictorSet
 
     from llmflash.errors import LLMFlashError
 
-    bad = [m for m in modes if m not in ("none", "oracle", "predictor")]
+    modes = tuple("reference" if m == "oracle" else m for m in modes)  # the older name
+    bad = [m for m in modes if m not in ("none", "reference", "predictor")]
     if bad:
-        raise LLMFlashError(f"unknown eval mode {bad[0]!r}; choose among none, oracle, predictor")
+        raise LLMFlashError(f"unknown eval run {bad[0]!r}; choose among none, reference, predictor")
+    budget = density
     holder: dict = {}
 
     def factory(model_dir, dtype):
@@ -100,26 +103,34 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
             _, meta = store.read_tensors(STATS_FILE)
             thresholds = meta["thresholds"][criterion]
         holder.update(predictors=predictors, thresholds=thresholds, criterion=criterion)
-        holder["ffn"] = SparseFFN(model_dir, dtype, "none", predictors, thresholds, criterion)
-        return holder["ffn"]
+        ffn = SparseFFN(model_dir, dtype)
+        weights = ffn.neuron_weights()
+        reference = None
+        if is_relu(model_dir):
+            reference = ExactSelector(weights, owned=False)
+        elif thresholds is not None:
+            reference = MagnitudeSelector(weights, thresholds=thresholds, criterion=criterion, owned=False)
+        holder["selectors"] = {"none": None, "reference": reference,
+                               "predictor": None if predictors is None else PredictorSelector(predictors)}
+        holder["ffn"] = ffn
+        return ffn
 
     engine = Engine(path, torch.float32, ffn=factory)
     ffn: SparseFFN = holder["ffn"]
     predictors, thresholds = holder["predictors"], holder["thresholds"]
     relu = is_relu(engine.dir)
     windows = text_windows(engine.dir, engine.tokenizer, text, tokens, window)
-    scorer = _Scorer(engine.dir, predictors, thresholds if not relu else None, holder["criterion"])
-    can_score = relu or thresholds is not None
+    selectors = holder["selectors"]
+    scorer = _Scorer(ffn.neuron_weights(), selectors["reference"], selectors["predictor"], holder["criterion"])
+    can_score = selectors["reference"] is not None
 
-    perplexity: dict = {"dense": None, "oracle": None, "predictor": None}
+    perplexity: dict = {"dense": None, "reference": None, "predictor": None}
     run_selected: dict = {}
     for mode in modes:
         key = "dense" if mode == "none" else mode
-        if mode == "predictor" and predictors is None:
+        if mode != "none" and selectors[mode] is None:
             continue
-        if mode == "oracle" and not relu and thresholds is None:
-            continue
-        ffn.mode = mode
+        ffn.selector = selectors[mode]
         ffn.reset_stats()
         observe = mode == "none" and can_score
         engine.model.ffn = ObservedFFN(ffn, scorer) if observe else ffn
@@ -143,8 +154,8 @@ def evaluate(path: Path | str, text: Path | str, tokens: int = 4096, window: int
                          selected_fraction=sel / total, rank=predictors.ranks()[l], size=predictors.describe(l))
         else:
             entry.update(recall=None, precision=None, magnitude_recall=None, selected_fraction=None)
-        if "oracle" in run_selected:
-            entry["oracle_selected_fraction_in_run"] = run_selected["oracle"][l]
+        if "reference" in run_selected:
+            entry["reference_selected_fraction_in_run"] = run_selected["reference"][l]
         if "predictor" in run_selected:
             entry["predictor_selected_fraction_in_run"] = run_selected["predictor"][l]
         layers.append(entry)
@@ -194,9 +205,9 @@ def format_table(r: dict) -> str:
 
     ppl = r["perplexity"]
     lines = [f"{r['model']} ({r['activation']}), {r['tokens']} tokens in {r['windows']} windows of {r['text']}"]
-    lines.append("perplexity: dense {}  oracle {} ({})  predictor {} ({})".format(
-        f(ppl["dense"], "{:.3f}"), f(ppl["oracle"], "{:.3f}"),
-        f(r["perplexity_increase"].get("oracle"), "{:+.1%}"), f(ppl["predictor"], "{:.3f}"),
+    lines.append("perplexity: dense {}  reference {} ({})  predictor {} ({})".format(
+        f(ppl["dense"], "{:.3f}"), f(ppl["reference"], "{:.3f}"),
+        f(r["perplexity_increase"].get("reference"), "{:+.1%}"), f(ppl["predictor"], "{:.3f}"),
         f(r["perplexity_increase"].get("predictor"), "{:+.1%}")))
     if r["predictors"]:
         p = r["predictors"]
@@ -248,7 +259,7 @@ def plot(r: dict, path: Path | str) -> None:
     a2.set_title("windowing")
     a2.legend()
     fig.suptitle(f"{Path(r['model']).name}: ppl dense {r['perplexity']['dense'] or float('nan'):.2f}, "
-                 f"oracle {r['perplexity']['oracle'] or float('nan'):.2f}, "
+                 f"reference {r['perplexity']['reference'] or float('nan'):.2f}, "
                  f"predictor {r['perplexity']['predictor'] or float('nan'):.2f}")
     fig.tight_layout()
     try:

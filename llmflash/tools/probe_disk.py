@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import threading
@@ -81,51 +80,6 @@ class Cell:
 
 
 # -- command-line ------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'4K', '16MiB', '1G', '4096' -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64K, 16M, 1G)")
-    scale = {"": 1, "k": KIB, "m": MIB, "g": GIB, "t": GIB << 10}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
-
-
-def _size_list(text: str) -> list[int]:
-    return [parse_size(part) for part in text.split(",") if part.strip()]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``llmflash probe-disk`` (the lead wires this into the CLI as a subcommand)."""
-    parser.add_argument("path", nargs="?", default=".", help="a folder (or file) on the disk to probe; default: .")
-    parser.add_argument("--file", type=Path, help="probe this existing file instead of writing a scratch file")
-    parser.add_argument("--file-size", type=parse_size, help="scratch file size (default 1G; quick: 8M)")
-    parser.add_argument("--seconds", type=float, help="time per cell (default 0.5; quick: 0.03)")
-    parser.add_argument("--max-reads", type=int, help="cap on reads per cell (default none; quick: 300)")
-    parser.add_argument("--chunks", type=_size_list, help="chunk sizes, e.g. 4K,16K,64K (default 4K..1M)")
-    parser.add_argument("--depths", type=_int_list, help="reads in flight, e.g. 1,8,32 (default 1..64)")
-    parser.add_argument("--threads", type=int, help="reads in flight the runtime uses (default 32)")
-    parser.add_argument("--reader", default="auto", choices=("auto", "aio", "threads"),
-                        help="measure waves through kernel AIO or N threads calling preadv "
-                             "(default auto: the runtime's reader, AIO where available)")
-    parser.add_argument("--json", type=Path, help="write cells and the fitted profile to this JSON file")
-    parser.add_argument("--plot", type=Path, help="write a throughput plot (PNG; needs matplotlib)")
-    parser.add_argument(
-        "--save", action=argparse.BooleanOptionalAction, default=True,
-        help=f"save the fitted profile where the runtime looks for it (default: {default_profile_path()})",
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny file, few cells, short cells (smoke test)")
-
 
 def settings_from_args(args: argparse.Namespace) -> ProbeSettings:
     """Explicit options win; the rest come from the full or the quick preset."""
@@ -467,18 +421,3 @@ def _write_json(path: Path, report: dict[str, object]) -> None:
         path.write_text(json.dumps(report, indent=2) + "\n")
     except OSError as exc:
         raise LLMFlashError(f"probe-disk: cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llmflash.tools.probe_disk`` (the same as ``llmflash probe-disk``)."""
-    parser = argparse.ArgumentParser(prog="llmflash probe-disk", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except LLMFlashError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,6 +26,7 @@ from llmflash.models.base import ObservedFFN
 from llmflash.runtime.ffn import ffn_intermediate
 from llmflash.errors import LLMFlashError
 from llmflash.format.integrity import checks_name, write_bundle_checks
+from llmflash.format.trace_file import MAX_WINDOW, window_union  # noqa: F401 (re-exported)
 from llmflash.format.layout import FFN_FILE, MANIFEST, FlashModelDir, align_up, sha256_file, write_manifest
 from llmflash.format.tempfiles import remove_stale
 
@@ -83,24 +84,6 @@ def coactivation_order(active: np.ndarray) -> np.ndarray:
             best = np.flatnonzero(scores == scores.max())
             current = int(best[np.argmax(freq[best])])
     return order
-
-
-MAX_WINDOW = 8
-
-
-def window_union(active: np.ndarray, max_window: int = MAX_WINDOW) -> list[float]:
-    """Mean size, in neurons, of the union of k consecutive tokens' active sets, k = 1..max_window.
-
-    The memory planner sizes each layer's cache from this (PAPER.md §4: the union a window holds).
-    """
-    t = active.shape[0]
-    out = []
-    union = active.copy()
-    for k in range(1, max_window + 1):
-        if k > 1:
-            union = union[:-1] | active[k - 1:]
-        out.append(float(union[: max(t - k + 1, 1)].sum(axis=1).mean()) if t >= k else float("nan"))
-    return out
 
 
 def hot_neurons(active: np.ndarray, fraction: float = HOT_FRACTION) -> list[int]:

@@ -23,6 +23,12 @@ from llmflash.runtime.predictors import (AUTO_BITS, BUDGET_GRID, KINDS, LAYOUT, 
                                          int4_kernel_available, quant_score)
 from llmflash.tools import gptq
 
+# quant predictors by default: a 4-bit gate copy and a 3-bit up copy (gated non-ReLU models; ReLU
+# models need only the gate). Measured on SmolLM2 at half the neurons: +4.4% perplexity, against
+# +10-14% for the 2/2 bits that fit 5% of the float16 model (docs/SPARSITY.md).
+DEFAULT_BITS = (4, 3)
+LOWRANK_SIZE = 0.05  # low-rank predictors: raise ranks while they stay under this share of the model
+
 @dataclass
 class TrainOptions:
     rank: int | None = None  # fixed rank for every layer; None = chosen per layer from recall
@@ -30,7 +36,7 @@ class TrainOptions:
     max_rank: int | None = None  # auto mode: highest rank (default min(d, N) / 2)
     target_recall: float = 0.99  # ReLU: decision threshold keeps this recall of truly active neurons
     max_selected_ratio: float = 3.0  # ReLU: raise the rank while selected > ratio x active
-    budget: float | None = None  # non-ReLU: fraction of neurons selected (default 1 - sparsity)
+    density: float | None = None  # non-ReLU: share of neurons selected (default: calibrate's density)
     min_recall: float = 0.85  # non-ReLU: raise the rank while recall of the top set is below this
     epochs: int = 4
     min_steps: int = 2000  # at least this many optimiser steps, whatever the data size
@@ -41,11 +47,13 @@ class TrainOptions:
     max_weight: float = 8.0
     hidden_act: str = "none"  # between A and B: "none" (pure low rank) or "relu"
     val_fraction: float = 0.15
-    size_budget: float = 0.05  # predictors as stored at most this fraction of the model's float16 bytes
+    # predictors as stored at most this share of the model's float16 bytes; None: quant at DEFAULT_BITS
+    # (what meets +5% perplexity on SmolLM2, docs/SPARSITY.md), lowrank within LOWRANK_SIZE
+    predictor_size: float | None = None
     criterion: str = "glu"
     seed: int = 0
     kind: str = "auto"  # "lowrank", "quant", or auto (resolve_kind): quant unless a rank is given
-    bits: int | None = None  # quant: gate (fc1) bits; None = the most that fit size_budget (AUTO_BITS)
+    bits: int | None = None  # quant: gate (fc1) bits; None = DEFAULT_BITS, or the most that fit predictor_size
     up_bits: int | None = None  # quant: up bits (default: bits)
 
 
@@ -225,6 +233,10 @@ def _quant_layer_bytes(n: int, d: int, bits: tuple[int, int], biases: tuple[bool
     return total
 
 
+def _size_limit(opts: TrainOptions) -> float:
+    return LOWRANK_SIZE if opts.predictor_size is None else opts.predictor_size
+
+
 def resolve_bits(model_dir: FlashModelDir, opts: TrainOptions) -> tuple[int, int]:
     """(gate bits, up bits; 0 = no up estimate): the options', or the most that fit the size budget."""
     up = _uses_up(model_dir, opts.criterion)
@@ -236,7 +248,9 @@ def resolve_bits(model_dir: FlashModelDir, opts: TrainOptions) -> tuple[int, int
             raise LLMFlashError(f"--bits / --up-bits must be 1..8, got {b}")
     if opts.bits is not None:
         return opts.bits, ((opts.up_bits or opts.bits) if up else 0)
-    limit = opts.size_budget * model_bytes_f16(model_dir)
+    if opts.predictor_size is None:
+        return DEFAULT_BITS if up else (DEFAULT_BITS[0], 0)
+    limit = opts.predictor_size * model_bytes_f16(model_dir)
     d = model_dir.config.hidden_size
     candidates = AUTO_BITS if up else tuple((g, 0) for g in sorted({g for g, _ in AUTO_BITS}, reverse=True))
     for bits in candidates:
@@ -314,7 +328,7 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
         stats_sha = store.index()["files"][STATS_FILE]["sha256"]
         thresholds = stats_meta["thresholds"][opts.criterion]
         sparsity = stats_meta["sparsity"]
-    budget = None if relu else (opts.budget if opts.budget is not None else 1.0 - sparsity)
+    budget = None if relu else (opts.density if opts.density is not None else 1.0 - sparsity)
     criterion = "glu" if relu else opts.criterion
 
     c = model_dir.config
@@ -377,9 +391,9 @@ def train_predictors(model_dir: FlashModelDir, inputs: list[torch.Tensor], opts:
     bar.close()
     stored = sum(m["stored_bytes"] for m in layers_meta)
     stored_model = sum(model_dir.weights_nbytes().values())
-    if stored > opts.size_budget * weights_bytes:
+    if opts.predictor_size is not None and stored > opts.predictor_size * weights_bytes:
         log(f"note: predictors take {stored / weights_bytes:.2%} of the model's float16 size, more than "
-            f"--size-budget {opts.size_budget:g} ({'the fewest bits' if kind == 'quant' else 'the smallest rank'})")
+            f"--predictor-size {opts.predictor_size:g} ({'the fewest bits' if kind == 'quant' else 'the smallest rank'})")
     meta = {
         "layout": LAYOUT,
         "kind": kind,
@@ -434,7 +448,7 @@ def _train_lowrank_layer(w: LayerWeights, Xt, Yt, Xv, Yv, opts: TrainOptions, la
             ok = m["selected_fraction"] <= opts.max_selected_ratio * max(m["active_fraction"], 1e-9)
         else:
             ok = m["recall"] >= opts.min_recall
-        fits = used_bytes + _layer_bytes(2 * r, d, n) + later <= opts.size_budget * weights_bytes
+        fits = used_bytes + _layer_bytes(2 * r, d, n) + later <= _size_limit(opts) * weights_bytes
         if ok or 2 * r > r_max or not fits:
             break
         r *= 2

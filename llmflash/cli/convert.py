@@ -1,0 +1,32 @@
+"""`llmflash convert SRC DST`: import a Hugging Face directory or GGUF file into the flash layout."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "convert"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(NAME, help="import a Hugging Face directory or GGUF file into the flash layout")
+    p.add_argument("src", type=Path, help="Hugging Face model directory or .gguf file")
+    p.add_argument("dst", type=Path, help="output directory (the flash layout)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the weights (default float16)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmflash.convert.writer import convert
+    from llmflash.format.layout import FlashModelDir
+
+    model: FlashModelDir = convert(args.src, args.dst, dtype=args.dtype, force=args.force,
+                                   progress=not args.quiet)
+    sizes = model.weights_nbytes()
+    print(f"wrote {model.path}: {model.config.model_type}, {model.config.num_layers} layers, "
+          f"resident {sizes['resident'] / 2**20:.1f} MiB, FFN bundles {sizes['ffn'] / 2**20:.1f} MiB "
+          f"({model.bundle.nbytes} bytes per neuron)")
+    return 0
