@@ -1,0 +1,88 @@
+"""Arithmetic on weights held at their stored precision, with float32 activations.
+
+Weights stay in DRAM as converted (float16, bfloat16 or float32); activations, the residual
+stream, norms, attention and the KV cache are float32. When a weight's dtype differs from the
+activations', products are computed by the fastest route measured on this project's CPU
+(docs/FLASH.md, "Precision and compute"; AVX-512 with avx512_bf16, no AMX or avx512fp16):
+
+* one token (decode): the activation is rounded to the weight dtype and torch's half-precision
+  matrix-vector kernel runs on the weight as stored. That kernel accumulates in float32 and is the
+  fastest of everything measured (float16: 14-16.5 GB/s of weights on one core, against 9-10 GB/s
+  for float32 weights, which are twice the bytes) *when the weight is contiguous and used in
+  dot-product form* (`x @ W.T` with W [out, in] row-major). The other orientation (`h @ W`) runs
+  50-300x slower in float16, so callers that can choose store such weights transposed;
+* several tokens (prompts) or the other orientation: the weight is converted to float32 in chunks
+  of `UPCAST_CHUNK_ELEMENTS` (a buffer that stays in the L2 cache, reused) and multiplied in
+  float32. float16 matrix-matrix products have no fast kernel here (338 ms for 64 x 4096 x 11008,
+  against 108 ms chunked), and the result is the float32 product of the stored values.
+
+With weights in the activations' dtype (a float32 model) every function here is the plain torch
+call, so float32 results are bit for bit what they were before weights could be held in half
+precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# float32 elements converted per chunk: 4 MiB, within the L3 cache (32 MiB here); larger chunks
+# mean fewer torch calls, each of which costs a thread hand-off on a shared 2-core machine.
+UPCAST_CHUNK_ELEMENTS = 1 << 20
+
+_scratch: list[torch.Tensor] = []  # one reusable float32 buffer per process
+
+
+def _buffer(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    n = rows * width
+    if not _scratch or _scratch[0].numel() < n or _scratch[0].dtype != dtype:
+        _scratch[:] = [torch.empty(max(n, UPCAST_CHUNK_ELEMENTS), dtype=dtype)]
+    return _scratch[0][:n].view(rows, width)
+
+
+def chunk_rows(width: int) -> int:
+    """Rows of a [*, width] weight converted per chunk."""
+    return max(1, UPCAST_CHUNK_ELEMENTS // max(width, 1))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), x [T, in] at the activation dtype, weight [out, in] at any dtype;
+    the result has x's dtype."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if x.dim() == 2 and x.shape[0] == 1:
+        y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    else:
+        out, width = weight.shape
+        y = x.new_empty(*x.shape[:-1], out)
+        step = chunk_rows(width)
+        for start in range(0, out, step):
+            stop = min(out, start + step)
+            buf = _buffer(stop - start, width, x.dtype)
+            buf.copy_(weight[start:stop])
+            y[..., start:stop] = F.linear(x, buf)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def matmul_rows(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """h @ rows, h [T, n] at the activation dtype, rows [n, d] at any dtype (e.g. the down
+    columns of n bundles): the orientation half-precision kernels are slow at, so rows are
+    converted to float32 chunk by chunk and accumulated in float32."""
+    if rows.dtype == h.dtype:
+        return h @ rows
+    n, width = rows.shape
+    y = h.new_zeros(h.shape[0], width)
+    step = chunk_rows(width)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        buf = _buffer(stop - start, width, h.dtype)
+        buf.copy_(rows[start:stop])
+        y.addmm_(h[:, start:stop], buf)
+    return y
+
+
+def scratch_bytes() -> int:
+    """Bytes of the conversion buffer (part of the runtime's fixed overhead, not the budget)."""
+    return sum(t.numel() * t.element_size() for t in _scratch)
