@@ -31,6 +31,28 @@ def default_gguf() -> Path:
     return path
 
 
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
+DEMO_CALIBRATION_TOKENS = 4096
+
+
+def calibrate_default_model(path: Path, log=print) -> None:
+    """Predictors for the demo model, trained once on the text shipped with llmflash (its own docs).
+
+    SmolLM2 is a SiLU model with no exact zeros: flash mode needs a selector, and the one that fits a
+    50% budget honestly (charged to it) is a trained predictor (low-bit gate/up copies, ~23 MB).
+    """
+    from llmflash.format.layout import FlashModelDir
+    from llmflash.format.sparsity_store import PREDICTORS_FILE, SparsityStore
+    from llmflash.tools.calibrate import calibrate
+
+    if SparsityStore(FlashModelDir(path)).has(PREDICTORS_FILE):
+        return
+    log(f"calibrating predictors for {path.name} on {DEMO_CALIBRATION_TOKENS} tokens of "
+        f"{CALIBRATION_TEXT.name} (once; about a minute) ...")
+    calibrate(path, CALIBRATION_TEXT, tokens=DEMO_CALIBRATION_TOKENS, window=512, sparsity=0.5,
+              train=True, progress=True, log=log)
+
+
 def default_model_dir(models_dir: Path | None = None, dtype: str = "float32") -> Path:
     """The converted default model, converting it on first use.
 

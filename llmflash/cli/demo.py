@@ -33,15 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import llmflash.api as api
-    from llmflash.defaults import default_model_dir
+    from llmflash.defaults import calibrate_default_model, default_model_dir
     from llmflash.tools import bench
 
     path = default_model_dir(args.models_dir)
     print(f"model: {path}", file=sys.stderr)
+    if args.mode == "flash" and args.sparsity in (None, "auto", "predictor"):
+        calibrate_default_model(path, log=lambda *a, **k: print(*a, **k, file=sys.stderr))
     model = api.load(path, **load_options(args))
     print(f"prompt: {args.prompt}  [mode {args.mode}, memory {args.memory}, window {args.window}, "
-          f"sparsity {model.stats.get('selector') or model.engine.ffn.summary().get('selector', 'none')}]",
-          file=sys.stderr)
+          f"selector {model.engine.ffn.summary().get('selector', 'none')}]", file=sys.stderr)
     status = print_generation(model, args.prompt, args)
     model.close()
     del model

@@ -22,20 +22,7 @@ import torch
 
 from llmflash.convert.source import TokenizerSpec
 from llmflash.errors import LLMFlashError
-
-# llama.cpp tensor-name suffix (after "blk.{i}.") -> transformers suffix (after "model.layers.{i}.").
-# The order is transformers' module order, which tensor_names() follows.
-_LAYER_TENSORS: dict[str, str] = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+from llmflash.models import llama
 
 # GGUF tensors that are not weights of the transformers model: llama.cpp derives them from the
 # config (Llama 3.x rope frequency factors, rebuilt into rope_scaling by _llama3_rope_scaling).
@@ -286,7 +273,7 @@ class GGUFSource:
             ("model.embed_tokens.weight", "token_embd.weight", (vocab, hidden))
         ]
         for i in range(layers):
-            for suffix, hf_suffix in _LAYER_TENSORS.items():
+            for suffix, hf_suffix in llama.GGUF_LAYER_TENSORS.items():
                 wanted.append((f"model.layers.{i}.{hf_suffix}", f"blk.{i}.{suffix}", layer_shapes[suffix]))
         wanted.append(("model.norm.weight", "output_norm.weight", (hidden,)))
         if not cfg["tie_word_embeddings"]:

@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from llmflash import __version__
-from llmflash.config import ModelConfig, config_from_hf
+from llmflash.models import ModelConfig, config_from_hf
 from llmflash.convert.source import ModelSource, TokenizerSpec
 from llmflash.errors import LLMFlashError
-from llmflash.models.names import ffn_tensor_names, normalise_name, resident_tensor_names
+from llmflash.models import ffn_tensor_names, normalise_name, resident_tensor_names
 from llmflash.format.integrity import write_bundle_checks
 from llmflash.format.tempfiles import remove_stale
 from llmflash.format.layout import (

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from llmflash.config import ModelConfig
+from llmflash.models.config import ModelConfig
 from llmflash.errors import LLMFlashError
 from llmflash.format import schema
 from llmflash.format.integrity import LayerVerifier

@@ -28,7 +28,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from llmflash.config import ACTIVATIONS, LLAMA_FAMILY, OPT_FAMILY, ModelConfig
+from llmflash.models import BY_FAMILY
+from llmflash.models.config import ACTIVATIONS, ModelConfig
 from llmflash.errors import LLMFlashError
 
 CHECKSUM_FIELD = "manifest_sha256"
@@ -192,8 +193,8 @@ def validate_config(d: Any, where: str, field: str = "config") -> ModelConfig:
     for k in ("family", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
               "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings", "hidden_act"):
         c.has(d, k, field)
-    family = c.str(d["family"], f("family"), ("llama", "opt"))
-    c.str(d["model_type"], f("model_type"), LLAMA_FAMILY if family == "llama" else OPT_FAMILY)
+    family = c.str(d["family"], f("family"), tuple(BY_FAMILY))
+    c.str(d["model_type"], f("model_type"), BY_FAMILY[family].MODEL_TYPES)
     vocab = c.int(d["vocab_size"], f("vocab_size"), 1, MAX_VOCAB)
     c.int(d["hidden_size"], f("hidden_size"), 1, MAX_DIM)
     c.int(d["intermediate_size"], f("intermediate_size"), 1, MAX_DIM)

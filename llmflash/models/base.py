@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llmflash.compute import linear as mixed_linear
-from llmflash.config import ModelConfig
+from llmflash.models.config import ModelConfig
 from llmflash.errors import LLMFlashError
 
 

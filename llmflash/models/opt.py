@@ -1,19 +1,94 @@
-"""OPT decoder: LayerNorm, learned positions (offset 2), biased attention, ReLU FFN.
+"""OPT decoder: LayerNorm, learned positions (offset 2), biased attention, ReLU FFN (fc1, fc2).
 
 Supports pre-LN (most OPT sizes) and post-LN (OPT-350m) and the word_embed_proj_dim projections.
+One file per architecture (docs/ARCHITECTURE.md): config mapping, tensor names, forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llmflash.config import ModelConfig
+from llmflash.errors import LLMFlashError
 from llmflash.models.base import Decoder, FFNProvider, KVCache, attention, causal_mask, layer_norm, linear
+from llmflash.models.config import ModelConfig, activation, eos_list
 
+FAMILY = "opt"
+MODEL_TYPES = ("opt",)
+GGUF_ARCHITECTURES: tuple[str, ...] = ()  # llama.cpp has no OPT support
 POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
 
 
-class OPTModel(Decoder):
+# -- config -------------------------------------------------------------------------------------------
+def from_hf(hf: dict, model_type: str, where: str) -> ModelConfig:
+    """config.json of an OPT model -> ModelConfig."""
+    act, threshold = activation(hf, where)
+    hidden = int(hf["hidden_size"])
+    heads = int(hf["num_attention_heads"])
+    if not hf.get("enable_bias", True):
+        raise LLMFlashError(f"OPT with enable_bias=false is not supported ({where})")
+    if not hf.get("layer_norm_elementwise_affine", True):
+        raise LLMFlashError(f"OPT without affine layer norms is not supported ({where})")
+    proj = hf.get("word_embed_proj_dim") or hidden
+    return ModelConfig(
+        family="opt",
+        model_type="opt",
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["ffn_dim"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        hidden_act=act,
+        act_threshold=threshold,
+        norm_eps=1e-5,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        attention_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        do_layer_norm_before=bool(hf.get("do_layer_norm_before", True)),
+        word_embed_proj_dim=int(proj) if proj != hidden else None,
+        final_layer_norm=bool(hf.get("do_layer_norm_before", True))
+        and not hf.get("_remove_final_layer_norm", False),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos_list(hf.get("eos_token_id")),
+    )
+
+
+# -- weights ------------------------------------------------------------------------------------------
+def normalise_name(name: str) -> str:
+    """Old OPT checkpoints drop the `model.` prefix; give every name one spelling."""
+    return "model." + name if name.startswith("decoder.") else name
+
+
+def ffn_tensor_names(config: ModelConfig, layer: int) -> dict[str, str]:
+    """Bundle part name -> checkpoint tensor name: fc1 rows (with bias) and fc2 columns."""
+    p = f"model.decoder.layers.{layer}."
+    return {"up": p + "fc1.weight", "down": p + "fc2.weight", "up_bias": p + "fc1.bias"}
+
+
+def resident_tensor_names(config: ModelConfig) -> list[str]:
+    """Every tensor that stays in DRAM: embeddings, positions, attention, norms, fc2 bias, head."""
+    d = "model.decoder."
+    names = [d + "embed_tokens.weight", d + "embed_positions.weight"]
+    if config.word_embed_proj_dim:
+        names += [d + "project_in.weight", d + "project_out.weight"]
+    if config.final_layer_norm:
+        names += [d + "final_layer_norm.weight", d + "final_layer_norm.bias"]
+    for i in range(config.num_layers):
+        p = f"{d}layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            names += [f"{p}self_attn.{proj}.weight", f"{p}self_attn.{proj}.bias"]
+        names += [p + "self_attn_layer_norm.weight", p + "self_attn_layer_norm.bias",
+                  p + "final_layer_norm.weight", p + "final_layer_norm.bias", p + "fc2.bias"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+# -- forward ------------------------------------------------------------------------------------------
+class Model(Decoder):
     """Forward pass over resident tensors (HF names) with a pluggable FFN."""
 
     embed_name = "model.decoder.embed_tokens.weight"
