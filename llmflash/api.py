@@ -223,7 +223,8 @@ class Model:
 
 def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: int = 5,
          sparsity: str | None = None, density: float | None = None, dtype: str = "auto",
-         threads: int = 32, reader: str = "auto", pin: float = 0.0) -> Model:
+         threads: int = 32, reader: str = "auto", pin: float = 0.0,
+         predictor_cost: str | None = None) -> Model:
     """Load a converted model (a directory written by `convert` or `synth`).
 
     mode: dense (all in DRAM), flash (ours), naive, hybrid, mmap (baselines).
@@ -233,6 +234,8 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     sparsity: the selector - none, exact (ReLU models), magnitude, predictor, trace:PATH; None picks
         none in DRAM modes and, in flash mode, predictor where calibrated, else exact (ReLU) or
         magnitude.
+    predictor_cost: flash with a replayed selector (trace:PATH): "lowrank:R" or "quant:BITS" runs a
+        predictor of that size on every layer's FFN input and charges its bytes and time, output unused.
     density: share of neurons a magnitude selector keeps per token (default 0.5), or, for
         predictors, the calibrated thresholds that kept that share.
     dtype: what weights are held at in DRAM: auto (as stored: float16, bfloat16 or float32),
@@ -241,7 +244,7 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     if dtype not in COMPUTE_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
-                         threads=threads, pin=pin, reader=reader)
+                         threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost)
     engine = Engine(path, dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options))
     return Model(engine, options)
 

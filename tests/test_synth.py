@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmflash.config import config_from_hf
+from llmflash.models import config_from_hf
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
 from llmflash.models.base import ObservedFFN
@@ -170,3 +170,9 @@ def test_bad_input(tmp_path, tokenizer):
     (tmp_path / "exists").mkdir()
     with pytest.raises(LLMFlashError, match="already exists"):
         synth("opt-1.3b", tmp_path / "exists", tokenizer=tokenizer)
+
+
+def test_cli_lists_the_presets():
+    from llmflash.cli.synth import PRESET_NAMES
+
+    assert PRESET_NAMES == tuple(PRESETS)

@@ -63,6 +63,9 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
                    help="share of neurons kept per token: magnitude's top share (default 0.5), or the "
                         "calibrated predictor thresholds that kept that share (0.1 .. 0.9)")
     deprecated(g, "--sparsity-budget", "--density", "density", density_type)
+    g.add_argument("--predictor-cost", default=None, metavar="KIND:SIZE",
+                   help="flash: run a predictor of this size (lowrank:128, quant:4) on every layer's FFN "
+                        "input and charge its memory and time, output unused (with --sparsity trace:PATH)")
     g.add_argument("--threads", type=positive_int, default=32, help="reads in flight (flash, naive, hybrid)")
     g.add_argument("--reader", default="auto", choices=("auto", "aio", "threads"),
                    help="how reads are kept in flight: kernel AIO or a thread pool calling preadv "
@@ -88,4 +91,4 @@ def load_options(args: argparse.Namespace) -> dict:
     """llmflash.load keyword arguments from the run options."""
     return {"mode": args.mode, "memory": args.memory, "window": args.window, "sparsity": args.sparsity,
             "density": args.density, "dtype": args.dtype, "threads": args.threads, "reader": args.reader,
-            "pin": args.pin}
+            "pin": args.pin, "predictor_cost": args.predictor_cost}

@@ -25,7 +25,7 @@ from llmflash.models import ModelConfig, config_from_hf
 from llmflash.convert.source import ModelSource, TokenizerSpec
 from llmflash.errors import LLMFlashError
 from llmflash.models import ffn_tensor_names, normalise_name, resident_tensor_names
-from llmflash.format.integrity import write_bundle_checks
+from llmflash.format.integrity import bundle_digests, checks_name, write_checks
 from llmflash.format.tempfiles import remove_stale
 from llmflash.format.layout import (
     ALIGNMENT,
@@ -98,9 +98,9 @@ class _HashingWriter:
         self.size = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
-            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0))
+            self.fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
         except OSError:
-            self.fd = os.open(path, flags)
+            self.fd = os.open(path, flags, 0o644)
         self.buffers = [aligned_empty(self.BUFFER), aligned_empty(self.BUFFER)]
         self.fill = 0  # bytes in the current buffer
         self.pool = ThreadPoolExecutor(1)
@@ -189,11 +189,12 @@ def _write_resident(path: Path, plan: list[tuple[str, tuple]], chunks: ResidentC
     return out.close()
 
 
-def _write_ffn(path: Path, num_layers: int, neurons: int, layer_chunks: LayerChunks,
-               bar: tqdm) -> tuple[dict, list[dict]]:
-    """ffn.bin: each layer's bundles in one 4096-aligned region, hashed per layer and whole."""
+def _write_ffn(path: Path, num_layers: int, neurons: int, bundle_bytes: int, layer_chunks: LayerChunks,
+               bar: tqdm) -> tuple[dict, list[dict], list[np.ndarray]]:
+    """ffn.bin: each layer's bundles in one 4096-aligned region, hashed per layer and whole, and
+    each bundle's xxh3 digest taken as it goes by (every chunk holds whole bundles)."""
     out = _HashingWriter(path)
-    regions = []
+    regions, digests = [], []
     for layer in range(num_layers):
         offset = align_up(out.size)
         if offset > out.size:
@@ -204,12 +205,13 @@ def _write_ffn(path: Path, num_layers: int, neurons: int, layer_chunks: LayerChu
             view = _byte_view(piece)
             out.write(view)
             sha.update(view)
+            digests.append(bundle_digests(np.frombuffer(view, dtype=np.uint8).reshape(-1, bundle_bytes)))
             size += view.nbytes
             bar.update(view.nbytes)
         regions.append({"offset": offset, "neurons": neurons, "bytes": size,
                         "sha256": sha.hexdigest(), "order": None})
     out.write(b"\0" * (align_up(out.size) - out.size))
-    return out.close(), regions
+    return out.close(), regions, digests
 
 
 def _write_tokenizer(directory: Path, tok: TokenizerSpec, files: dict) -> dict:
@@ -256,10 +258,10 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
         files: dict[str, dict] = {}
         files[RESIDENT_FILE] = _write_resident(tmp / RESIDENT_FILE, resident, resident_chunks,
                                                torch_dtype, bar)
-        files[FFN_FILE], regions = _write_ffn(tmp / FFN_FILE, config.num_layers,
-                                              config.intermediate_size, layer_chunks, bar)
+        files[FFN_FILE], regions, digests = _write_ffn(tmp / FFN_FILE, config.num_layers,
+                                                       config.intermediate_size, bundle.nbytes, layer_chunks, bar)
         # per-bundle digests for flash's scattered reads (format/integrity.py)
-        checks_file, files[checks_file], checks = write_bundle_checks(tmp, FFN_FILE, regions, bundle.nbytes)
+        checks_file, files[checks_file], checks = write_checks(tmp, checks_name(FFN_FILE), digests)
         bar.close()
         tokenizer_entry = _write_tokenizer(tmp, tokenizer, files)
         manifest = {

@@ -62,23 +62,28 @@ def write_bundle_checks(directory: Path, ffn_name: str, regions: list[dict], bun
 
     Returns (file name, its `files` entry, the manifest's `ffn.checks` entry).
     """
-    name = name or checks_name(ffn_name)
-    path = Path(directory) / name
-    sha = hashlib.sha256()
-    size = 0
-    with open(Path(directory) / ffn_name, "rb") as src, open(path, "wb") as out:
+    digests = []
+    with open(Path(directory) / ffn_name, "rb") as src:
         for r in regions:
             src.seek(r["offset"])
             raw = np.frombuffer(src.read(r["bytes"]), dtype=np.uint8)
             if raw.size != r["bytes"]:
                 raise LLMFlashError(f"{Path(directory) / ffn_name} is shorter than its layer table")
-            data = bundle_digests(raw.reshape(-1, bundle_bytes)).astype("<u8").tobytes()
-            out.write(data)
-            sha.update(data)
-            size += len(data)
+            digests.append(bundle_digests(raw.reshape(-1, bundle_bytes)))
+    return write_checks(directory, name or checks_name(ffn_name), digests)
+
+
+def write_checks(directory: Path, name: str, digests: list[np.ndarray]) -> tuple[str, dict, dict]:
+    """Store per-bundle digests (slot order, layer after layer) as the checks file `name`.
+
+    Returns (file name, its `files` entry, the manifest's `ffn.checks` entry)."""
+    data = np.concatenate(digests).astype("<u8").tobytes() if digests else b""
+    with open(Path(directory) / name, "wb") as out:
+        out.write(data)
         out.flush()
         os.fsync(out.fileno())
-    return name, {"bytes": size, "sha256": sha.hexdigest()}, {"file": name, "algorithm": ALGORITHM}
+    return name, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, \
+        {"file": name, "algorithm": ALGORITHM}
 
 
 class BundleChecks:

@@ -40,6 +40,7 @@ class RunOptions:
     threads: int = 32  # reads in flight
     pin: float = 0.0  # share of each layer's neurons pinned in DRAM (hottest first)
     reader: str = "auto"  # auto (kernel AIO where allowed) | aio | threads
+    predictor_cost: str | None = None  # flash: run and charge a stand-in predictor (runtime.trace_selector)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +55,10 @@ class RunOptions:
             raise LLMFlashError(f"pin must be in [0, 1), got {self.pin}")
         if self.reader not in READERS:
             raise LLMFlashError(f"unknown reader {self.reader!r}; choose one of {', '.join(READERS)}")
+        if self.predictor_cost is not None:
+            from llmflash.runtime.trace_selector import parse_predictor_cost
+
+            parse_predictor_cost(self.predictor_cost)
 
 
 def ffn_factory(options: RunOptions):
@@ -82,6 +87,11 @@ def ffn_factory(options: RunOptions):
             raise LLMFlashError("flash mode reads only selected neurons: choose a selector (predictor, exact, "
                                 "magnitude, trace:PATH), or mode naive/hybrid to read every neuron")
         selector = make_selector(model_dir, sparsity, dtype, options.density, predictor_dtype=PREDICTOR_DTYPE)
+        if options.predictor_cost:
+            from llmflash.runtime.trace_selector import PredictorCost, random_predictors
+
+            selector = PredictorCost(selector, random_predictors(model_dir, options.predictor_cost, PREDICTOR_DTYPE),
+                                     options.predictor_cost)
         # Every selector's resident bytes are charged to the budget, instruments included.
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=selector.nbytes(),
                            window=options.window, scratch_share=SCRATCH_SHARE)

@@ -43,12 +43,13 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from llmflash.config import ModelConfig, config_from_hf
+from llmflash.models import ModelConfig, config_from_hf
 from llmflash.convert.source import TokenizerSpec
 from llmflash.convert.writer import check_destination, write_model_dir
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for
-from llmflash.models.names import resident_tensor_names
+from llmflash.format.schema import expected_resident_shapes
+from llmflash.models import resident_tensor_names
 
 CHUNK_BYTES = 16 << 20  # rows generated (and held) at a time
 OPT_ACTIVE = 0.033  # share of OPT FFN neurons firing per token (the paper, OPT-6.7B)
@@ -129,33 +130,10 @@ def _stream(seed: int, name: str) -> np.random.Generator:
 
 # -- shapes and scales ---------------------------------------------------------------------------
 def resident_shapes(config: ModelConfig) -> list[tuple[str, tuple]]:
-    """(HF name, shape) of every resident tensor, as a checkpoint of this config has them."""
-    d, V = config.hidden_size, config.vocab_size
-    q_out = config.num_heads * config.head_dim
-    kv_out = config.num_kv_heads * config.head_dim
-    proj = config.word_embed_proj_dim or d
-    out = []
-    for name in resident_tensor_names(config):
-        leaf = name.rsplit(".", 2)[-2:]
-        kind, param = leaf[0], leaf[1]
-        if name == "lm_head.weight" or kind == "embed_tokens":
-            shape = (V, proj if config.family == "opt" else d)
-        elif kind == "embed_positions":
-            shape = (config.max_position_embeddings + 2, d)  # OPT offsets positions by 2
-        elif kind == "project_in":
-            shape = (d, proj)
-        elif kind == "project_out":
-            shape = (proj, d)
-        elif kind == "q_proj":
-            shape = (q_out, d) if param == "weight" else (q_out,)
-        elif kind in ("k_proj", "v_proj"):
-            shape = (kv_out, d) if param == "weight" else (kv_out,)
-        elif kind in ("o_proj", "out_proj"):
-            shape = (d, q_out) if param == "weight" else (d,)
-        else:  # norms and the FFN output bias
-            shape = (d,)
-        out.append((name, shape))
-    return out
+    """(HF name, shape) of every resident tensor in file order, as a checkpoint of this config has
+    them: the shapes the manifest check expects, and (hidden,) for the norms it leaves open."""
+    expected = expected_resident_shapes(config)
+    return [(name, expected.get(name, (config.hidden_size,))) for name in resident_tensor_names(config)]
 
 
 def _second_moment(act: str, threshold: float, mean: float, std: float) -> float:
