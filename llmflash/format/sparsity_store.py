@@ -40,11 +40,15 @@ PREDICTORS_FILE = "predictors.safetensors"
 def _fsync_write(path: Path, data: bytes) -> None:
     remove_stale(path.parent, f".{path.name}.")  # left by a killed run (format/tempfiles.py)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # full disk, SIGINT/SIGTERM: nothing half-written stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class SparsityStore:
@@ -136,10 +140,14 @@ class SparsityStore:
         target = self.path / name
         remove_stale(self.path, f".{name}.")  # left by a killed run (format/tempfiles.py)
         tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:  # full disk, SIGINT/SIGTERM: nothing half-written stays
+            tmp.unlink(missing_ok=True)
+            raise
         idx = self.index()
         idx["files"][name] = {"bytes": target.stat().st_size, "sha256": sha256_file(target), "meta": meta}
         self._write_index(idx)

@@ -4,19 +4,16 @@ Every command that writes (convert, reorder, calibrate, relufy) writes under a t
 `.<target>.tmp-<pid>` (or another `-<pid>` suffix) and renames when complete. A run killed with
 SIGKILL cannot clean up, so each command first calls `remove_stale` on the names it uses: entries
 whose process is gone (or is this one) are removed; those of a live process are left alone, so
-two runs never delete each other's work. `signals_as_exit` turns SIGTERM into SystemExit so the
-`finally`/`except BaseException` cleanup of a command also runs when it is terminated (SIGINT is
-already KeyboardInterrupt).
+two runs never delete each other's work. SIGINT and SIGTERM reach a command as exceptions
+(KeyboardInterrupt; the CLI's `Terminated`), so its `except BaseException` cleanup removes its
+temporary files at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 
@@ -56,21 +53,3 @@ def remove_stale(directory: Path, prefix: str, suffix_re: str = r"tmp-(\d+)(\.tm
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _raise_exit(signum, frame):  # noqa: ARG001
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def signals_as_exit():
-    """Within the block, SIGTERM raises SystemExit (main thread, default handler only)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -11,9 +11,10 @@ Recipe (the one that made ../shared/models/smollm2-135m-relu, shortened):
    cross-entropy (+ l1 x mean |activation| if asked), AdamW, cosine learning rate, fp32 on CPU.
    The teacher is the source model, unchanged. Attention and embeddings stay frozen.
 
-Checkpoints (every --checkpoint-every steps) go beside DST as `.DST.relufy-ckpt.safetensors`
+Checkpoints (every --checkpoint-every steps) go beside DST as `.DST.relufy-ckpt.<step>.safetensors`
 (parameters and AdamW moments) plus `.DST.relufy-ckpt.json` (step, options key, scheduler and
-optimiser settings, report, and the sha256 of the tensors file); no pickle is ever loaded. A rerun
+optimiser settings, report, the tensors file's name and sha256; renamed last, so a crash leaves
+the previous checkpoint whole); no pickle is ever loaded. A rerun
 with the same options resumes from the last one. The result is written through the converter (a
 temporary Hugging Face directory -> `convert`), so DST is an ordinary model directory. Perplexity
 and the exact-zero fraction of the FFN activations are measured on held-out text before (the
@@ -236,18 +237,32 @@ def _save_checkpoint(ckpt: Path, state: dict, params: list[torch.Tensor], opt: t
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = v.detach().reshape(-1).contiguous() if v.dim() == 0 else v.detach().contiguous()
     pid = os.getpid()
-    tensors_path = ckpt.with_suffix(".safetensors")
+    # one tensors file per step, named in the JSON: the JSON's rename is the one switch, so a
+    # crash at any point leaves the previous checkpoint complete
+    tensors_path = ckpt.with_name(f"{ckpt.stem}.{state['step']}.safetensors")
     tmp_t = ckpt.with_name(f"{ckpt.stem}.safetensors.tmp-{pid}")
     tmp_j = ckpt.with_name(f"{ckpt.name}.tmp-{pid}")
-    save_file(tensors, str(tmp_t))
-    sha = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
-    meta = dict(state, tensors_sha256=sha, params=len(params),
-                opt={"param_groups": opt_state["param_groups"],
-                     "scalars": sorted(f"opt.{i}.{k}" for i, st in opt_state["state"].items()
-                                       for k, v in st.items() if v.dim() == 0)})
-    tmp_j.write_text(json.dumps(meta))
-    os.replace(tmp_t, tensors_path)
-    os.replace(tmp_j, ckpt)
+    try:
+        save_file(tensors, str(tmp_t))
+        sha = hashlib.sha256(tmp_t.read_bytes()).hexdigest()
+        meta = dict(state, tensors_file=tensors_path.name, tensors_sha256=sha, params=len(params),
+                    opt={"param_groups": opt_state["param_groups"],
+                         "scalars": sorted(f"opt.{i}.{k}" for i, st in opt_state["state"].items()
+                                           for k, v in st.items() if v.dim() == 0)})
+        tmp_j.write_text(json.dumps(meta))
+        os.replace(tmp_t, tensors_path)
+        os.replace(tmp_j, ckpt)
+    except BaseException:  # full disk, SIGINT/SIGTERM: the last complete checkpoint stays
+        tmp_t.unlink(missing_ok=True)
+        tmp_j.unlink(missing_ok=True)
+        raise
+    _remove_checkpoint_tensors(ckpt, keep=tensors_path.name)
+
+
+def _remove_checkpoint_tensors(ckpt: Path, keep: str | None = None) -> None:
+    for p in ckpt.parent.glob(f"{ckpt.stem}.*.safetensors"):
+        if p.name != keep:
+            p.unlink(missing_ok=True)
 
 
 def _load_checkpoint(ckpt: Path, n_params: int) -> dict:
@@ -258,12 +273,15 @@ def _load_checkpoint(ckpt: Path, n_params: int) -> dict:
 
     try:
         meta = json.loads(ckpt.read_text())
-        data = ckpt.with_suffix(".safetensors").read_bytes()
-    except (OSError, ValueError) as exc:
+        name = meta["tensors_file"]
+        if not isinstance(name, str) or "/" in name or not name.startswith(ckpt.stem + "."):
+            raise ValueError(f"bad tensors_file {name!r}")
+        data = ckpt.with_name(name).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LLMFlashError(f"cannot read checkpoint {ckpt}: {exc}; pass --restart") from None
     if not isinstance(meta, dict) or hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256") \
             or meta.get("params") != n_params:
-        raise LLMFlashError(f"checkpoint {ckpt} does not match its tensors file {ckpt.with_suffix('.safetensors')}; "
+        raise LLMFlashError(f"checkpoint {ckpt} does not match its tensors file {ckpt.with_name(name)}; "
                             "pass --restart")
     tensors = load(data)
     scalars = set(meta["opt"]["scalars"])
@@ -438,7 +456,7 @@ def relufy(src: Path | str, dst: Path | str, text: Path | str, opts: RelufyOptio
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out.path / "sparsity" / "relufy.json")
     ckpt.unlink(missing_ok=True)
-    ckpt.with_suffix(".safetensors").unlink(missing_ok=True)
+    _remove_checkpoint_tensors(ckpt)
     return report
 
 
