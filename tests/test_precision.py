@@ -58,8 +58,9 @@ def test_half_weights_stay_half_and_logits_are_close(models, dtype):
     matrices = [t for t in engine.weights.values() if t.dim() >= 2]
     assert matrices and all(t.dtype == held for t in matrices)
     assert all(t.dtype == torch.float32 for t in engine.weights.values() if t.dim() < 2)
-    gu, bias, down_t = engine.ffn.packed[0]
-    assert gu.dtype == held and down_t.dtype == held and gu.is_contiguous() and down_t.is_contiguous()
+    gu, bias, down_blocks = engine.ffn.packed[0]
+    assert gu.dtype == held and gu.is_contiguous()
+    assert all(b.dtype == held and b.is_contiguous() for b in down_blocks)
     for got, want in zip(run_logits(engine), ref):
         assert got.dtype == torch.float32
         scale = want.abs().max().item()
@@ -157,3 +158,14 @@ def test_bench_reports_cut_modes():
               "runtime_overhead_bytes": 1 << 20, "memory_bandwidth": bw}
     text = bench.table(result)
     assert "mmap*" in text and "cut at --max-seconds 30" in text
+
+
+def test_split_columns_is_the_same_product():
+    from llmflash.compute import linear, linear_split, split_columns
+
+    w = torch.randn(48, 300).half()
+    blocks = split_columns(w, 64)
+    assert len(blocks) == 5 and torch.equal(torch.cat(blocks, 1), w)
+    for T in (1, 4):
+        x = torch.randn(T, 300)
+        torch.testing.assert_close(linear_split(x, blocks), linear(x, w), rtol=2e-3, atol=2e-3)

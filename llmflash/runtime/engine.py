@@ -122,9 +122,11 @@ def load_tokenizer(model_dir: FlashModelDir) -> Tokenizer | None:
 
 def dense_ffn(model_dir: FlashModelDir, dtype: torch.dtype) -> DenseFFN:
     """Every FFN layer read from the bundle file into DRAM (checksums checked on the way)."""
-    layers = [model_dir.read_layer_bundles(i).to(dtype) for i in range(model_dir.config.num_layers)]
-    return DenseFFN(layers, model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold,
-                    activations=ACTIVATIONS)
+    ffn = DenseFFN([], model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold,
+                   activations=ACTIVATIONS)
+    for i in range(model_dir.config.num_layers):  # packed as read: no second copy of the FFN
+        ffn.append(model_dir.read_layer_bundles(i).to(dtype))
+    return ffn
 
 
 # Activations, norms, attention scores and the KV cache are float32 whatever the weights' dtype.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmflash.compute import linear, matmul_rows
+from llmflash.compute import linear, linear_split, matmul_rows, split_columns
 from llmflash.format.layout import BundleLayout
 from llmflash.models.base import FFNProvider
 
@@ -77,9 +77,10 @@ class DenseFFN(FFNProvider):
 
     Weights at the activations' dtype (float32) are used as bundle rows. Weights held at a lower
     precision are re-laid out once per layer at load, same bytes: the gate and up rows as one
-    contiguous [2n, d] matrix (one product for both), the down columns transposed to a contiguous
-    [d, n] matrix, the per-neuron biases as float32, so both products run in the dot-product
-    form that half-precision kernels are fast at (llmflash.compute). `layers[i]` still gives the
+    contiguous [2n, d] matrix (one product for both), the down columns transposed to [d, n] and
+    stored as contiguous column blocks (compute.split_columns), the per-neuron biases as float32,
+    so both products run in the dot-product form that half-precision kernels are fast at
+    (llmflash.compute). `layers[i]` still gives the
     bundle rows (rebuilt on demand) for tools that want them.
     """
 
@@ -90,14 +91,21 @@ class DenseFFN(FFNProvider):
         self.threshold = threshold
         self.activations = activations
         self.packed: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None
-        if layers and layers[0].dtype != activations:
-            self.packed = []
-            for i in range(len(layers)):  # one layer at a time: peak is one extra layer
-                self.packed.append(self._pack(layers[i]))
-                layers[i] = None  # type: ignore[call-overload]
-            self._layers = None
+        self._layers: list[torch.Tensor] | None = None
+        for i in range(len(layers)):  # one layer at a time: the peak is one extra layer
+            self.append(layers[i])
+            layers[i] = None  # type: ignore[call-overload]
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Add the next layer's bundle rows (packed when held below the activations' precision)."""
+        if rows.dtype != self.activations:
+            if self.packed is None:
+                self.packed = []
+            self.packed.append(self._pack(rows))
         else:
-            self._layers = layers
+            if self._layers is None:
+                self._layers = []
+            self._layers.append(rows)
 
     def _pack(self, rows: torch.Tensor):
         s = self.slices
@@ -105,15 +113,16 @@ class DenseFFN(FFNProvider):
         gu = torch.cat(parts, 0).contiguous() if len(parts) > 1 else parts[0].contiguous()
         biases = [rows[:, b].reshape(-1) for b in (s.gate_bias, s.up_bias) if b is not None]
         bias = torch.cat(biases).to(self.activations) if biases else None
-        return gu, bias, rows[:, s.down].t().contiguous()
+        return gu, bias, split_columns(rows[:, s.down].t())
 
     @property
     def layers(self):
         """Bundle rows per layer ([neurons, elements]); rebuilt from the packed form if packed."""
-        return self._layers if self.packed is None else _Rebuilt(self)
+        return (self._layers or []) if self.packed is None else _Rebuilt(self)
 
     def _rebuild(self, layer: int) -> torch.Tensor:
-        gu, bias, down_t = self.packed[layer]
+        gu, bias, down_blocks = self.packed[layer]
+        down_t = torch.cat(down_blocks, 1)
         s, n = self.slices, down_t.shape[1]
         rows = torch.zeros(n, s.width, dtype=gu.dtype)
         if s.gate is not None:
@@ -132,14 +141,14 @@ class DenseFFN(FFNProvider):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return ffn_from_rows(x, self._layers[layer], self.slices, self.act, self.threshold)
-        gu, bias, down_t = self.packed[layer]
+        gu, bias, down_blocks = self.packed[layer]
         y = linear(x, gu, bias)
         if self.slices.gate is not None:
             gate, up = y.chunk(2, dim=-1)
             h = activate(gate, self.act, self.threshold) * up
         else:
             h = activate(y, self.act, self.threshold)
-        return linear(h, down_t)
+        return linear_split(h, down_blocks)
 
 
 class _Rebuilt:
