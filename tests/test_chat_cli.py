@@ -1,0 +1,126 @@
+"""`llmflash chat` on the real SmolLM2: through a stdin pipe (history, /reset, /stats, /quit) and
+through a real pseudo-terminal (Ctrl-C stops an answer and the chat goes on; Ctrl-D leaves)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST = "Name three colours."
+SECOND = "And two more?"
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A tiny random llama with a real BPE tokenizer and a chat template (fast to answer)."""
+    import llmflash
+    from tiny_models import build
+
+    root = tmp_path_factory.mktemp("tiny-chat")
+    build("llama-gqa", root / "hf")
+    return llmflash.convert(root / "hf", root / "model", dtype="float32", progress=False)
+
+
+def test_chat_through_a_pipe(tiny_chat_model):
+    flags = ["--max-new-tokens", "12", "--ignore-eos"]
+    ref = subprocess.run([sys.executable, "-m", "llmflash", "generate", str(tiny_chat_model), FIRST, "--json",
+                          *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    first = json.loads(ref.stdout)["text"]
+    assert first
+
+    script = f"{FIRST}\n/stats\n{SECOND}\n/reset\n{FIRST}\n/bogus\n/quit\n"
+    out = subprocess.run([sys.executable, "-m", "llmflash", "chat", str(tiny_chat_model), *flags],
+                         cwd=ROOT, input=script, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    # the answer equals `llmflash generate` on the same prompt (chat template), and again after /reset
+    assert out.stdout.count(first) == 2, out.stdout
+    assert "per-token stats, mode dense" in out.stderr and "stop: length" in out.stderr
+    assert "[conversation reset]" in out.stderr and "unknown command /bogus" in out.stderr
+
+    # the second answer saw the first turn: it is what the API gives for the whole conversation
+    import llmflash
+
+    with llmflash.load(tiny_chat_model) as model:
+        kw = dict(max_new_tokens=12, ignore_eos=True)
+        second = model.chat([{"role": "user", "content": FIRST}, {"role": "assistant", "content": first},
+                             {"role": "user", "content": SECOND}], **kw).text
+        alone = model.chat([{"role": "user", "content": SECOND}], **kw).text
+    assert second != alone
+    assert second in out.stdout
+
+
+class Terminal:
+    """A child process on a real pseudo-terminal (its controlling terminal: Ctrl-C is SIGINT)."""
+
+    def __init__(self, argv: list[str]):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            os.chdir(ROOT)
+            os.execv(argv[0], argv)
+        self.seen = ""
+
+    def read_until(self, pattern: str, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        start = len(self.seen)
+        while not re.search(pattern, self.seen[start:]):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {pattern!r} in {self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if ready:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:  # child gone
+                    data = b""
+                if not data:
+                    assert re.search(pattern, self.seen[start:]), f"EOF before {pattern!r}: {self.seen[-2000:]!r}"
+                    break
+                self.seen += data.decode(errors="replace")
+        return self.seen[start:]
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            try:
+                os.read(self.fd, 4096)
+            except OSError:
+                time.sleep(0.1)
+        os.kill(self.pid, 9)
+        raise AssertionError("chat did not exit")
+
+
+def test_ctrl_c_stops_an_answer_not_the_chat(smollm2_dir):
+    term = Terminal([sys.executable, "-m", "llmflash", "chat", str(smollm2_dir), "--max-new-tokens", "4000",
+                     "--ignore-eos"])
+    term.read_until(r"> ")
+    term.send("Count from 1 to 1000, separated by commas.\r")
+    term.read_until(r"\n5\. 5")  # the answer is streaming
+    term.send("\x03")  # Ctrl-C
+    term.read_until(r"\[stopped\][\s\S]*> ")
+    term.send("/stats\r")
+    stats = term.read_until(r"per-token stats[\s\S]*> ")
+    generated = int(re.search(r"(\d+) generated", stats).group(1))
+    assert 3 <= generated < 4000  # decoding ended when the answer was interrupted
+    term.send("\x03")  # Ctrl-C at the prompt does not leave
+    term.read_until(r"/quit or Ctrl-D leaves")
+    term.send("/stats\r")
+    term.read_until(r"per-token stats")
+    term.send("\x04")  # Ctrl-D leaves
+    assert term.wait() == 0
