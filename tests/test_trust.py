@@ -414,6 +414,33 @@ def test_read_only_destination(hf_dir, capsys, tmp_path):
         _umount(disk)
 
 
+def test_forbidden_destination(hf_dir):
+    """EACCES needs a user without root's override: the conversion runs as `nobody` (setpriv)."""
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as another user")
+    base = Path(tempfile.mkdtemp(prefix="llmflash-eacces-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        src = base / "hf"
+        shutil.copytree(hf_dir, src)
+        for p in [src, *src.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        locked = base / "locked"
+        locked.mkdir(mode=0o755)  # root's: nobody may not create anything in it
+        proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                               sys.executable, "-m", "llmflash", "convert", str(src), str(locked / "model"),
+                               "--quiet"], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("llmflash: error: Permission denied [EACCES]: ") and str(locked) in lines[0]
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_destination_under_a_file(hf_dir, capsys, tmp_path):
     (tmp_path / "plain").write_text("x")
     one_line_error(capsys, "convert", hf_dir, tmp_path / "plain" / "model", "--quiet", match="[ENOTDIR]")
