@@ -224,7 +224,7 @@ class Model:
 def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: int = 5,
          sparsity: str | None = None, density: float | None = None, dtype: str = "auto",
          threads: int = 32, reader: str = "auto", pin: float = 0.0,
-         predictor_cost: str | None = None) -> Model:
+         predictor_cost: str | None = None, context: int | None = None) -> Model:
     """Load a converted model (a directory written by `convert` or `synth`).
 
     mode: dense (all in DRAM), flash (ours), naive, hybrid, mmap (baselines).
@@ -238,14 +238,17 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
         predictor of that size on every layer's FFN input and charges its bytes and time, output unused.
     density: share of neurons a magnitude selector keeps per token (default 0.5), or, for
         predictors, the calibrated thresholds that kept that share.
+    context: the longest sequence (prompt + generated) in tokens; its KV cache is charged to the
+        budget (default 2048, at most the model's).
     dtype: what weights are held at in DRAM: auto (as stored: float16, bfloat16 or float32),
         float16, bfloat16 or float32 (converted at load). Activations are float32 in every case.
     """
     if dtype not in COMPUTE_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
-                         threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost)
-    engine = Engine(path, dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options))
+                         threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost,
+                         context=context)
+    engine = Engine(path, dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options), context=context)
     return Model(engine, options)
 
 

@@ -32,7 +32,7 @@ def default_gguf() -> Path:
 
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
-DEMO_CALIBRATION_TOKENS = 4096
+DEMO_CALIBRATION_TOKENS = 2048
 
 
 def calibrate_default_model(path: Path, log=print) -> None:
@@ -48,7 +48,7 @@ def calibrate_default_model(path: Path, log=print) -> None:
     if SparsityStore(FlashModelDir(path)).has(PREDICTORS_FILE):
         return
     log(f"calibrating predictors for {path.name} on {DEMO_CALIBRATION_TOKENS} tokens of "
-        f"{CALIBRATION_TEXT.name} (once; about a minute) ...")
+        f"{CALIBRATION_TEXT.name} (once; a minute or two) ...")
     calibrate(path, CALIBRATION_TEXT, tokens=DEMO_CALIBRATION_TOKENS, window=512, sparsity=0.5,
               train=True, progress=True, log=log)
 

@@ -165,7 +165,7 @@ def test_corrupted_manifest(flash_dir, tmp_path):
 def test_prompt_longer_than_context(flash_dir):
     engine = Engine(flash_dir)
     too_long = [5] * (engine.config.max_position_embeddings + 1)
-    with pytest.raises(LLMFlashError, match=r"prompt of \d+ tokens is longer than the model's context"):
+    with pytest.raises(LLMFlashError, match=r"prompt of \d+ tokens is longer than the context"):
         engine.generate(too_long, 4)
 
 

@@ -78,7 +78,7 @@ def test_errors_are_one_line(model, tmp_path):
     assert proc.stderr.startswith("llmflash: error:") and "Traceback" not in proc.stderr
     long_prompt = ",".join(["5"] * 200)
     proc = llmflash("generate", str(model), "--ids", long_prompt, check=False)
-    assert proc.returncode == 2 and "longer than the model's context" in proc.stderr
+    assert proc.returncode == 2 and "longer than the context" in proc.stderr
 
 
 def test_flash_mode_stats_json(tmp_path):

@@ -93,6 +93,7 @@ def test_predictors_stay_valid_after_reorder(tmp_path):
     neurons after it; flash mode with them still runs from the new bundle file."""
     from llmflash.tools.calibrate import calibrate
     from llmflash.runtime.predictors import PredictorSet
+    from llmflash.runtime.selectors import PredictorSelector
     from llmflash.tools.train_predictors import TrainOptions
 
     tiny_models.build("llama-relu", tmp_path / "hf")
@@ -103,12 +104,12 @@ def test_predictors_stay_valid_after_reorder(tmp_path):
               train_options=TrainOptions(rank=16, epochs=1, min_steps=50), progress=False,
               log=lambda *a: None)
     x = torch.randn(2, FlashModelDir(path).config.hidden_size, generator=torch.Generator().manual_seed(0))
-    before = [PredictorSet.load(FlashModelDir(path)).select(l, x) for l in range(2)]
+    before = [PredictorSelector(PredictorSet.load(FlashModelDir(path))).select(l, x).ids() for l in range(2)]
     reorder(path, text, tokens=400)
     d = FlashModelDir(path)
     assert d.ffn_path.name != "ffn.bin"
-    after = PredictorSet.load(d)
+    after = PredictorSelector(PredictorSet.load(d))
     for l, ids in enumerate(before):
-        np.testing.assert_array_equal(after.select(l, x), ids)
+        np.testing.assert_array_equal(after.select(l, x).ids(), ids)
     flash = Engine(path, ffn=ffn_factory(RunOptions(mode="flash", sparsity="predictor", memory="100%")))
     assert len(flash.generate(PROMPT, 4, stop_at_eos=False).token_ids) == 4

@@ -1,7 +1,8 @@
 """Argument groups shared by several verbs, and deprecated spellings of renamed flags.
 
 One meaning per word: --memory is the only budget (bytes of DRAM a run may hold); --window is the
-neuron-cache window in tokens; --context is a text window in tokens (calibrate, eval); --density is
+neuron-cache window in tokens; --context is the tokens of one sequence (a run's longest, whose KV cache
+--memory charges; the text windows of calibrate and eval); --density is
 the share of a layer's neurons a selector keeps per token; --sparsity names the selector.
 Old spellings still parse for one release and print a warning naming the new one.
 """
@@ -66,6 +67,9 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
     g.add_argument("--predictor-cost", default=None, metavar="KIND:SIZE",
                    help="flash: run a predictor of this size (lowrank:128, quant:4) on every layer's FFN "
                         "input and charge its memory and time, output unused (with --sparsity trace:PATH)")
+    g.add_argument("--context", type=positive_int, default=None,
+                   help="longest sequence (prompt + generated) in tokens; its KV cache is charged to "
+                        "--memory (default 2048, at most the model's)")
     g.add_argument("--threads", type=positive_int, default=32, help="reads in flight (flash, naive, hybrid)")
     g.add_argument("--reader", default="auto", choices=("auto", "aio", "threads"),
                    help="how reads are kept in flight: kernel AIO or a thread pool calling preadv "
@@ -91,4 +95,4 @@ def load_options(args: argparse.Namespace) -> dict:
     """llmflash.load keyword arguments from the run options."""
     return {"mode": args.mode, "memory": args.memory, "window": args.window, "sparsity": args.sparsity,
             "density": args.density, "dtype": args.dtype, "threads": args.threads, "reader": args.reader,
-            "pin": args.pin, "predictor_cost": args.predictor_cost}
+            "pin": args.pin, "predictor_cost": args.predictor_cost, "context": args.context}

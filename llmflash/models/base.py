@@ -91,6 +91,12 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    @staticmethod
+    def bytes_for(config: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+        """What a cache of `tokens` positions holds (memory plans charge it before allocating)."""
+        item = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * config.num_kv_heads * tokens * config.head_dim * item
+
     def append(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([kv_heads, T, head_dim]) at positions start.. and return the filled prefix."""
         end = start + k.shape[1]
@@ -111,8 +117,11 @@ def causal_mask(start: int, length: int, sliding_window: int | None = None) -> t
     return mask
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+              scale: float | None = None) -> torch.Tensor:
     """q: [heads, T, hd], k/v: [kv_heads, S, hd] (grouped-query) -> [T, heads*hd].
+
+    Scores are scaled by `scale`, hd ** -0.5 unless given (Gemma: query_pre_attn_scalar ** -0.5).
 
     Written out rather than via scaled_dot_product_attention: for one decode token on CPU the
     fused kernel costs ~10x more than these three small batched matmuls (measured: 1.4 ms vs 0.1 ms).
@@ -122,7 +131,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kv_heads = k.shape[0]
     group = heads // kv_heads
     qg = q.reshape(kv_heads, group * T, hd)
-    scores = torch.matmul(qg, k.transpose(1, 2)) * (hd ** -0.5)
+    scores = torch.matmul(qg, k.transpose(1, 2)) * (hd ** -0.5 if scale is None else scale)
     scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v)
     return out.reshape(heads, T, hd).transpose(0, 1).reshape(T, heads * hd)
@@ -167,21 +176,32 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables for positions 0..max_len-1 (rotate-half convention, as transformers)."""
+    """cos/sin for the positions in use (rotate-half convention, as transformers).
+
+    Computed per forward pass for positions start..start+T-1 rather than tabled for the whole
+    context: a 128k-context table is ~100 MB that no memory plan would see, while one decode step
+    needs head_dim/2 products. The last pass's values are reused by every layer of that pass.
+    """
 
     def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype):
-        inv_freq = rope_inv_freq(config)
-        t = torch.arange(max_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        self.inv_freq = rope_inv_freq(config)
+        self.dtype = dtype
+        self._key: tuple[int, int] | None = None
+        self.cos = self.sin = torch.empty(0)
+
+    def at(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._key != (start, T):
+            t = torch.arange(start, start + T, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            self._key = (start, T)
+        return self.cos, self.sin
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [heads, T, head_dim] at positions start..start+T-1."""
         T = x.shape[1]
-        cos = self.cos[start:start + T]
-        sin = self.sin[start:start + T]
+        cos, sin = self.at(start, T)
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin

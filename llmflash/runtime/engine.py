@@ -16,11 +16,12 @@ import torch
 
 from llmflash.runtime.ffn import DenseFFN
 from llmflash.runtime.checked_ffn import FiniteCheckedFFN
+from llmflash.runtime.memory_plan import resolve_context
 from llmflash.runtime.sampling import check_sampling, sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
 from llmflash.models.base import FFNProvider, KVCache
-from llmflash.format.layout import DTYPES, TOKENIZER_FILE, FlashModelDir
+from llmflash.format.layout import DTYPES, FlashModelDir
 from llmflash.runtime.tokenizer import Tokenizer
 
 
@@ -165,9 +166,12 @@ class Engine:
     """A model ready to run: config, tokenizer, resident weights and an FFN provider."""
 
     def __init__(self, path: Path | str, dtype: torch.dtype | None = None,
-                 ffn: Callable[[FlashModelDir, torch.dtype], FFNProvider] | None = None):
+                 ffn: Callable[[FlashModelDir, torch.dtype], FFNProvider] | None = None,
+                 context: int | None = None):
         """dtype: what weights are held at (None: as stored, float16/bfloat16/float32); the FFN
-        provider factory gets the same. Activations are float32 (ACTIVATIONS) in every case."""
+        provider factory gets the same. Activations are float32 (ACTIVATIONS) in every case.
+        context: the longest sequence (prompt + generated) this engine runs, in tokens (default
+        memory_plan.DEFAULT_CONTEXT, at most the model's); the memory plan charges its KV cache."""
         self.read_bytes_at_start = process_read_bytes()
         self.dir = FlashModelDir(path)
         self.config = self.dir.config
@@ -181,7 +185,7 @@ class Engine:
         self.tokenizer = load_tokenizer(self.dir)
         self.weights = load_weights(self.dir, dtype)
         self.ffn = (ffn or dense_ffn)(self.dir, dtype)
-        self.context = self.config.max_position_embeddings
+        self.context = resolve_context(self.config, context)
         # non-finite FFN outputs are an error naming the layer, not NaN logits (checked_ffn.py)
         self.model = build_model(self.config, self.weights, FiniteCheckedFFN(self.ffn, f" in {self.dir.path}"),
                                  self.context, ACTIVATIONS)
@@ -196,8 +200,8 @@ class Engine:
             raise LLMFlashError("empty prompt: give at least one token")
         if len(prompt_ids) >= self.context:
             raise LLMFlashError(
-                f"prompt of {len(prompt_ids)} tokens is longer than the model's context of "
-                f"{self.context} tokens ({self.dir.path})")
+                f"prompt of {len(prompt_ids)} tokens is longer than the context of {self.context} tokens "
+                f"({self.dir.path}; the model allows {self.config.max_position_embeddings}: raise context)")
         bad = [i for i in prompt_ids if not 0 <= i < self.config.vocab_size]
         if bad:
             raise LLMFlashError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")

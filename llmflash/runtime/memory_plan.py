@@ -15,7 +15,15 @@ import torch
 
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
+from llmflash.models.base import KVCache
 from llmflash.sizes import parse_memory
+
+def resolve_context(config, context: int | None) -> int:
+    """The longest sequence a run holds: `context` (or DEFAULT_CONTEXT), at most the model's."""
+    if context is not None and context < 2:
+        raise LLMFlashError(f"context must be at least 2 tokens, got {context}")
+    return min(config.max_position_embeddings, context or DEFAULT_CONTEXT)
+
 
 def parse_budget(spec: str, model_bytes: int) -> int:
     """The memory budget in bytes (llmflash.sizes.parse_memory: '50%' of the stored model or a size)."""
@@ -47,6 +55,8 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     return total
 
 
+DEFAULT_CONTEXT = 2048  # tokens of one sequence (prompt + generated) a run holds, unless told
+KV_DTYPE = torch.float32  # keys and values are activations (runtime.engine.ACTIVATIONS)
 MIN_SCRATCH_ROWS = 64  # enough reads in flight to amortise the device latency (STORAGE.md)
 
 
@@ -64,6 +74,8 @@ class MemoryPlan:
     capacities: list[int] | None = None  # rows per layer, when sized from window statistics
     sized_from: str = "uniform"
     scratch_rows: int = 0  # one buffer shared by all layers for selected neurons over capacity
+    kv_bytes: int = 0  # the KV cache for the longest sequence the run allows (its context)
+    context: int = 0  # that sequence length in tokens
 
     @property
     def scratch_bytes(self) -> int:
@@ -79,7 +91,8 @@ class MemoryPlan:
 
     @property
     def planned_bytes(self) -> int:
-        return self.resident_bytes + self.extra_resident_bytes + self.cache_bytes + self.scratch_bytes
+        return (self.resident_bytes + self.extra_resident_bytes + self.kv_bytes + self.cache_bytes
+                + self.scratch_bytes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,25 +130,30 @@ def _capacities_from_windows(model_dir: FlashModelDir, total_rows: int, window: 
 
 def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
                 extra_resident_bytes: int = 0, window: int | None = None,
-                scratch_share: float = 0.0) -> MemoryPlan:
+                scratch_share: float = 0.0, context: int | None = None) -> MemoryPlan:
     """Split the budget: resident part first, the rest to neuron caches.
 
     Per-layer cache sizes follow the window statistics `llmflash reorder` records, where present
     and a window is given; otherwise every layer gets the same number of rows. `scratch_share` of
     the rows left (at least one wave of reads, at most a quarter of a layer) becomes the scratch buffer
-    through which flash mode streams selected neurons that do not fit a layer's cache.
+    through which flash mode streams selected neurons that do not fit a layer's cache. The KV cache
+    for `context` tokens (default: runtime.engine.DEFAULT_CONTEXT, at most the model's) is charged
+    before the caches; RoPE holds no table (models.base.Rotary computes the positions in use).
     """
     cfg = model_dir.config
     model_bytes = model_weight_bytes(model_dir)
     budget_bytes = parse_budget(budget, model_bytes)
     resident = resident_bytes_at(model_dir, dtype)
-    need = resident + extra_resident_bytes
+    context = resolve_context(cfg, context)
+    kv = KVCache.bytes_for(cfg, context, KV_DTYPE)
+    need = resident + extra_resident_bytes + kv
     row_bytes = model_dir.bundle.elements * torch.empty((), dtype=dtype).element_size()
     if budget_bytes < need + row_bytes * cfg.num_layers:
         raise LLMFlashError(
             f"memory budget {budget} ({budget_bytes / 2**20:.1f} MiB) cannot hold the resident part "
             f"of {model_dir.path}: {need / 2**20:.1f} MiB (embeddings, attention, norms"
-            f"{', predictors' if extra_resident_bytes else ''} at {str(dtype).replace('torch.', '')}) "
+            f"{', selector' if extra_resident_bytes else ''} at {str(dtype).replace('torch.', '')}, "
+            f"KV cache for a context of {context} tokens {kv / 2**20:.1f} MiB) "
             f"plus at least one neuron per layer; give at least "
             f"{(need + row_bytes * cfg.num_layers) / 2**20:.1f} MiB "
             f"({100 * (need + row_bytes * cfg.num_layers) / model_bytes:.1f}% of the stored model)")
@@ -158,5 +176,5 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
         capacity_per_layer=int(min(caps)) if caps else int(capacity),
         resident_ffn_layers=int(min(cfg.num_layers, free // layer_bytes)),
         capacities=caps, sized_from=f"window statistics, k={window}" if caps else "uniform",
-        scratch_rows=scratch,
+        scratch_rows=scratch, kv_bytes=kv, context=context,
     )

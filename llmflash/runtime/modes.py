@@ -40,6 +40,7 @@ class RunOptions:
     threads: int = 32  # reads in flight
     pin: float = 0.0  # share of each layer's neurons pinned in DRAM (hottest first)
     reader: str = "auto"  # auto (kernel AIO where allowed) | aio | threads
+    context: int | None = None  # longest sequence (prompt + generated) in tokens; its KV cache is charged
     predictor_cost: str | None = None  # flash: run and charge a stand-in predictor (runtime.trace_selector)
 
     def check(self) -> None:
@@ -81,7 +82,7 @@ def ffn_factory(options: RunOptions):
         if options.mode == "naive":
             return providers.NaiveFFN(model_dir, dtype, reader)
         if options.mode == "hybrid":
-            plan = plan_memory(model_dir, options.memory, dtype)
+            plan = plan_memory(model_dir, options.memory, dtype, context=options.context)
             return providers.NaiveFFN(model_dir, dtype, reader, resident_layers=plan.resident_ffn_layers)
         if sparsity == "none":
             raise LLMFlashError("flash mode reads only selected neurons: choose a selector (predictor, exact, "
@@ -94,13 +95,13 @@ def ffn_factory(options: RunOptions):
                                      options.predictor_cost)
         # Every selector's resident bytes are charged to the budget, instruments included.
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=selector.nbytes(),
-                           window=options.window, scratch_share=SCRATCH_SHARE)
+                           window=options.window, scratch_share=SCRATCH_SHARE, context=options.context)
         return providers.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
 
     def precheck(model_dir: FlashModelDir, dtype: torch.dtype) -> None:
         """Engine calls this before loading weights: the resident part alone must fit the budget."""
         if options.mode in ("flash", "hybrid"):
-            plan_memory(model_dir, options.memory, dtype)
+            plan_memory(model_dir, options.memory, dtype, context=options.context)
 
     build.precheck = precheck
     return build
