@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{where}: {trace.meta.get('kind')} trace, {trace.layers} layers x {trace.neurons} neurons x "
           f"{trace.tokens} tokens ({trace.bits.nbytes / 2**20:.1f} MiB packed)")
     print(f"mean over layers: active {100 * mean['active']:.2f}% per token; window k=1..8 holds "
-          + " ".join(f"{100 * u:.1f}" for u in mean["union"]) + " %; loads per token "
+          + " ".join(f"{100 * u:.1f}" for u in mean["union"]) + " %; a window of k=1..7 loads per token "
           + " ".join(f"{100 * (mean['union'][k] - mean['union'][k - 1]):.2f}" for k in range(1, len(mean["union"])))
-          + " % (k=2..8)")
+          + " %")
     print("hottest " + ", ".join(f"{100 * q:g}%" for q in tr.HOT_SHARES) + " of neurons hold "
           + ", ".join(f"{100 * h:.1f}%" for h in mean["hot_share"]) + " of activations")
     return 0
