@@ -248,11 +248,13 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
                          threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost,
                          context=context)
-    engine = Engine(path, dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options), context=context)
+    engine = Engine(Path(path).expanduser(), dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options),
+                    context=context)
     return Model(engine, options)
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str = "float16", *, force: bool = False,
             progress: bool = True) -> Path:
     """Import a Hugging Face model directory or a GGUF file into the flash layout at dst."""
-    return _convert(src, dst, dtype=dtype, force=force, progress=progress).path
+    return _convert(Path(src).expanduser(), Path(dst).expanduser(), dtype=dtype, force=force,
+                    progress=progress).path
