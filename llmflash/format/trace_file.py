@@ -52,10 +52,15 @@ class Trace:
         shapes = {a.shape for a in active}
         if len(shapes) != 1:
             raise ValueError(f"layers have different shapes: {shapes}")
-        (tokens, neurons), = shapes
-        bits = np.stack([np.packbits(a.astype(bool), axis=1, bitorder="little") for a in active])
-        return cls(bits, int(neurons), dict(meta, format=TRACE_FORMAT, version=TRACE_VERSION,
-                                            layers=len(active), neurons=int(neurons), tokens=int(tokens)))
+        (_, neurons), = shapes
+        return cls.from_packed([pack(a) for a in active], int(neurons), meta)
+
+    @classmethod
+    def from_packed(cls, rows: list[np.ndarray], neurons: int, meta: dict) -> "Trace":
+        """From per-layer packed rows (`pack` of a bool [tokens, neurons] matrix)."""
+        bits = np.stack(rows)
+        return cls(bits, neurons, dict(meta, format=TRACE_FORMAT, version=TRACE_VERSION,
+                                       layers=int(bits.shape[0]), neurons=neurons, tokens=int(bits.shape[1])))
 
     def active(self, layer: int) -> np.ndarray:
         """bool [tokens, neurons] of one layer."""
@@ -111,6 +116,11 @@ class Trace:
         if neurons % 8 and (bits[..., -1] >> (neurons % 8)).any():
             raise bad("padding bits are set (a damaged or foreign file)")
         return cls(bits, neurons, meta)
+
+
+def pack(active: np.ndarray) -> np.ndarray:
+    """bool [tokens, neurons] -> the file's packed rows, uint8 [tokens, ceil(neurons / 8)]."""
+    return np.packbits(active.astype(bool, copy=False), axis=1, bitorder="little")
 
 
 def window_union(active: np.ndarray, max_window: int = MAX_WINDOW) -> list[float]:

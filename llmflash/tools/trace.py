@@ -44,7 +44,7 @@ import numpy as np
 
 from llmflash.models import ModelConfig, config_from_hf
 from llmflash.errors import LLMFlashError
-from llmflash.format.trace_file import MAX_WINDOW, Trace, window_union
+from llmflash.format.trace_file import MAX_WINDOW, Trace, pack, window_union
 
 HOT_SHARES = (0.01, 0.05, 0.10, 0.25, 0.50)
 DEFAULT_DENSITY = 0.5
@@ -231,20 +231,20 @@ def synthesise(profile: str | Path, like: str | Path, tokens: int = 1024, seed: 
     if str(profile) in PROFILES:
         prof = PROFILES[str(profile)]
         base = profile_frequencies(prof["active"], prof["sigma"], N)
-        for _ in range(L):
-            layers.append(_markov(base[rng.permutation(N)], prof["rho"], tokens, rng))
+        for _ in range(L):  # packed as they come: a 7B trace's bool matrices would take GBs
+            layers.append(pack(_markov(base[rng.permutation(N)], prof["rho"], tokens, rng)))
         source = {"profile": str(profile), **{k: v for k, v in prof.items() if k != "description"}}
     elif Path(profile).exists():
         src = Trace.load(profile)
         for layer in range(L):
             s = round(layer * (src.layers - 1) / max(L - 1, 1))
-            layers.append(_replay(src.active(s), N, tokens, rng))
+            layers.append(pack(_replay(src.active(s), N, tokens, rng)))
         source = {"trace": str(Path(profile).resolve()), "source_meta": src.meta}
     else:
         raise LLMFlashError(f"--profile {profile}: neither a trace file nor a named profile "
                             f"({', '.join(PROFILES)})")
-    trace = Trace.from_active(layers, {"kind": "synthetic", "like": str(like), "model_type": cfg.model_type,
-                                       "seed": seed, **source})
+    trace = Trace.from_packed(layers, N, {"kind": "synthetic", "like": str(like), "model_type": cfg.model_type,
+                                          "seed": seed, **source})
     if out is not None:
         trace.save(out)
     return trace
