@@ -1,7 +1,7 @@
 """Memory planner: what stays resident, and how many neuron rows each layer's cache may hold.
 
 The budget is given as a share of the converted model's weights as stored (`50%`) or as bytes
-(`6GiB`). Selective persistence (PAPER.md §2): embeddings, attention, norms and predictors are
+(`6GiB`). Selective persistence (docs/PAPER.md §2): embeddings, attention, norms and predictors are
 resident; what is left of the budget goes to the per-layer neuron caches. Everything is counted
 in the bytes DRAM really holds: weights at the dtype they are held at (as stored by default, so a
 float16 model's resident part costs its stored size; forcing float32 doubles it), vectors as stored.
@@ -57,7 +57,7 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
 
 DEFAULT_CONTEXT = 2048  # tokens of one sequence (prompt + generated) a run holds, unless told
 KV_DTYPE = torch.float32  # keys and values are activations (runtime.engine.ACTIVATIONS)
-MIN_SCRATCH_ROWS = 64  # enough reads in flight to amortise the device latency (STORAGE.md)
+MIN_SCRATCH_ROWS = 64  # enough reads in flight to amortise the device latency (docs/STORAGE.md §3)
 
 
 @dataclass

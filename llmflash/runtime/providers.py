@@ -1,6 +1,6 @@
 """FFN providers that keep the FFN on flash: ours (flash) and the baselines (naive, hybrid, mmap).
 
-flash (PAPER.md §3-§6), per layer and token:
+flash (docs/PAPER.md §3-§6), per layer and token:
     selector.select(layer, x).ids() -> neuron set S_t  (runtime.selectors: predictor, exact, ...)
     cache.step(S_t) -> neurons the window does not hold yet; evictions happen here
     reader.read_bundles(...) -> only those bundles, coalesced, O_DIRECT, many in flight

@@ -3,7 +3,7 @@
 A bundle read from flash pays a latency to first byte that overlaps across reads in flight (``a``),
 a per-read cost that does not overlap (``s0``: syscall, interrupt, queue slot) and a transfer time
 (``bytes / B``). Amortised over ``N`` reads in flight, one read costs ``a/N + s0 + bytes/B``
-(STORAGE.md measured a = 54 us, s0 = 10.7 us, B = 1.19 GB/s on this project's machines). Reading
+(docs/STORAGE.md §3 measured a = 54 us, s0 = 10.7 us, B = 1.19 GB/s on this project's machines). Reading
 the gap between two wanted ranges costs ``gap/B``; a separate read costs ``a/N + s0``. So two
 ranges are merged into one read when the gap between them is under ``B * (a/N + s0)`` (about 15 KB
 at 32 threads): the budget is reads, not bytes.
@@ -121,7 +121,7 @@ class DeviceProfile:
 
 
 DEFAULT_PROFILE = DeviceProfile(a_us=54.0, s0_us=10.7, bandwidth_Bps=1.19e9, threads=32, source="STORAGE.md")
-"""Consensus of all readers measured in STORAGE.md (virtio disk, ext4, 2 vCPU)."""
+"""Consensus of all readers measured in docs/STORAGE.md §3 (virtio disk, ext4, 2 vCPU)."""
 
 
 def default_profile_path() -> Path:
@@ -133,7 +133,7 @@ def default_profile_path() -> Path:
 
 
 def load_default_profile() -> DeviceProfile:
-    """The measured profile if ``probe-disk`` saved one, else the STORAGE.md defaults."""
+    """The measured profile if ``probe-disk`` saved one, else the docs/STORAGE.md §3 defaults."""
     path = default_profile_path()
     if not path.exists():
         return DEFAULT_PROFILE

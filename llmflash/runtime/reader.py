@@ -1,6 +1,6 @@
 """Direct (page-cache-bypassing) reads of FFN bundles from flash, many in flight.
 
-Why this shape (STORAGE.md measured it on this project's machines):
+Why this shape (docs/STORAGE.md §2, §6, §7 measured it on this project's machines):
 
 * Python threads calling ``os.preadv`` on an ``O_DIRECT`` fd into page-aligned, mmap-backed numpy
   buffers match fio (psync, libaio, io_uring) in throughput; about 32 reads in flight is the sweet

@@ -2,7 +2,7 @@
 
 Each mode runs as its own `llmflash generate --json` child so that its peak RSS and page-cache
 state are its own. Before each child the model's files are dropped from the page cache
-(posix_fadvise DONTNEED, which really empties it on these machines; STORAGE.md), so no mode is
+(posix_fadvise DONTNEED, which really empties it on these machines; docs/STORAGE.md §6), so no mode is
 served from memory another mode filled. Modes with a budget (flash, naive, hybrid, mmap) run under
 a cgroup-v1 memory limit of budget + the measured runtime overhead + FIXED_OVERHEAD_BYTES where the
 machine allows it, so

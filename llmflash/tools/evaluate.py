@@ -7,7 +7,7 @@ per-layer thresholds) and predictor-sparse. During the dense run every layer's F
 * per layer: recall and precision of the predictor's selection against the truly active neurons
   (ReLU: activation != 0; otherwise the calibrated magnitude criterion), the fraction selected and
   the fraction truly active;
-* windows (PAPER.md §4), pooled over layers, for k = 1..8, for the predictor's selections (what a
+* windows (docs/PAPER.md §4), pooled over layers, for k = 1..8, for the predictor's selections (what a
   flash runtime loads) and for the truly active sets: `held` = |S_t ∪ ... ∪ S_{t-k+1}| / N, the
   neurons a window of k tokens keeps in DRAM; `new` = |S_t minus (S_{t-1} ∪ ... ∪ S_{t-k})| / N,
   the neurons to read per token. The first 8 tokens of each text window are skipped.

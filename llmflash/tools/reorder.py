@@ -1,6 +1,6 @@
 """Co-activation layout: put neurons that fire together next to each other on flash.
 
-This machine's disk is bound by reads per second, not bytes (STORAGE.md), and a small model's
+This machine's disk is bound by reads per second, not bytes (docs/STORAGE.md §4), and a small model's
 bundle (SmolLM2: 3.4-6.9 KiB) is far below the useful read size. If the neurons a token loads sit
 side by side, the read planner merges them into fewer, larger reads. We record which neurons are
 active on calibration text, chain them greedily by Jaccard similarity (each next slot gets the

@@ -27,7 +27,7 @@ source's (it is mostly removed), and copies of one source neuron do not fire tog
 From a named profile (no per-neuron data), frequencies are log-normal (quantiles of exp(sigma*z),
 scaled to the active fraction, capped at 1) and each neuron is a two-state Markov chain with that
 stationary probability and lag-1 autocorrelation rho; sigma and rho are fitted to the published
-window figures (PROFILES, fitted values and errors in docs/TRACES.md). Neurons are independent of
+window figures (PROFILES, fitted values and errors in docs/SYNTHETIC.md). Neurons are independent of
 each other.
 
 Ids: target neuron ids are assigned by a random permutation, so the hottest neurons are spread

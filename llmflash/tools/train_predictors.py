@@ -1,4 +1,4 @@
-"""Train activation predictors offline (PAPER.md §3 in docs/SPARSITY.md): the low-rank kind by
+"""Train activation predictors offline (docs/PAPER.md §3, docs/SPARSITY.md): the low-rank kind by
 balanced BCE from an SVD start, the quant kind by GPTQ; per-layer decision thresholds tuned on
 held-out calibration tokens. What runs at inference time is llmflash.runtime.predictors."""
 
