@@ -1,4 +1,4 @@
-"""Activation predictors (PAPER.md §3): which FFN neurons of a layer matter for an input.
+"""Activation predictors (docs/PAPER.md §3): which FFN neurons of a layer matter for an input.
 
 Two kinds, stored in the same file (`kind` in its meta):
 
