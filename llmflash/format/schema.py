@@ -214,7 +214,18 @@ def validate_config(d: Any, where: str, field: str = "config") -> ModelConfig:
     scaling = get("rope_scaling")
     if scaling is not None:
         c.dict(scaling, f("rope_scaling"))
-        c.str(scaling.get("rope_type"), f("rope_scaling.rope_type"), ("default", "linear", "llama3"))
+        c.str(scaling.get("rope_type"), f("rope_scaling.rope_type"), ("default", "linear", "llama3", "longrope"))
+        if scaling.get("rope_type") == "longrope":  # Phi-3: per-frequency factors (models/phi3.py)
+            for k in ("short_factor", "long_factor"):
+                c.has(scaling, k, f("rope_scaling"))
+                factors = c.list(scaling[k], f(f"rope_scaling.{k}"), d["head_dim"] // 2)
+                if len(factors) != d["head_dim"] // 2:
+                    raise c.fail(f(f"rope_scaling.{k}"), f"must list head_dim / 2 = {d['head_dim'] // 2} factors")
+                for i, v in enumerate(factors):
+                    c.num(v, f(f"rope_scaling.{k}[{i}]"), 0.0, 1e6, lo_open=True)
+            for k in ("attention_factor", "original_max_position_embeddings"):
+                c.has(scaling, k, f("rope_scaling"))
+            c.num(scaling["attention_factor"], f("rope_scaling.attention_factor"), 0.0, 1e6, lo_open=True)
         for k in ("factor", "low_freq_factor", "high_freq_factor"):
             if k in scaling:
                 c.num(scaling[k], f(f"rope_scaling.{k}"), 0.0, 1e6, lo_open=True)
@@ -232,6 +243,16 @@ def validate_config(d: Any, where: str, field: str = "config") -> ModelConfig:
             c.bool(d[k], f(k))
     if get("sliding_window") is not None:
         c.int(d["sliding_window"], f("sliding_window"), 1, MAX_POSITIONS)
+    if get("layer_types") is not None:  # Gemma 3
+        for i, t in enumerate(c.list(d["layer_types"], f("layer_types"), MAX_LAYERS)):
+            c.str(t, f(f"layer_types[{i}]"), ("sliding_attention", "full_attention"))
+        if len(d["layer_types"]) != d["num_layers"]:
+            raise c.fail(f("layer_types"), f"has {len(d['layer_types'])} entries, num_layers is {d['num_layers']}")
+    for k in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
+        if get(k) is not None:
+            c.num(d[k], f(k), 0.0, 1e12, lo_open=True)
+    if d["family"] == "gemma3" and (get("rope_local_theta") is None or get("query_pre_attn_scalar") is None):
+        raise c.fail(field, "is a Gemma 3 config without rope_local_theta and query_pre_attn_scalar")
     if get("word_embed_proj_dim") is not None:
         c.int(d["word_embed_proj_dim"], f("word_embed_proj_dim"), 1, MAX_DIM)
     if get("bos_token_id") is not None:

@@ -15,11 +15,11 @@ from types import ModuleType
 import torch
 
 from llmflash.errors import LLMFlashError
-from llmflash.models import llama, opt
+from llmflash.models import gemma3, llama, opt, phi3, qwen3
 from llmflash.models.base import FFNProvider, KVCache
 from llmflash.models.config import ModelConfig
 
-ARCHITECTURES: tuple[ModuleType, ...] = (llama, opt)
+ARCHITECTURES: tuple[ModuleType, ...] = (llama, opt, gemma3, qwen3, phi3)
 BY_FAMILY = {m.FAMILY: m for m in ARCHITECTURES}
 BY_MODEL_TYPE = {t: m for m in ARCHITECTURES for t in m.MODEL_TYPES}
 BY_GGUF_ARCHITECTURE = {a: m for m in ARCHITECTURES for a in m.GGUF_ARCHITECTURES}

