@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,18 +59,3 @@ def test_logits_close(converted, reference):
         expected = ref(torch.tensor([ids])).logits[0]
     got = ours.logits(ids)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
-
-
-def test_demo_command_runs(smollm2_gguf, tmp_path):
-    """The README's main job, through the CLI, into a fresh models directory."""
-    proc = subprocess.run([sys.executable, "-m", "llmflash", "demo", "--models-dir", str(tmp_path),
-                           "--max-new-tokens", "12", "--bench-tokens", "4"], capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    assert "flash/naive" in proc.stdout and "mmap" in proc.stdout
-    assert (tmp_path / "smollm2-135m-instruct-float32" / "manifest.json").exists()
-    proc = subprocess.run([sys.executable, "-m", "llmflash", "demo", "--models-dir", str(tmp_path),
-                           "--max-new-tokens", "6", "--json"], capture_output=True, text=True,
-                          timeout=600)
-    out = json.loads(proc.stdout)
-    assert out["mode"] == "flash" and out["token_ids"] and out["stats"]["bytes_read"] > 0

@@ -120,7 +120,7 @@ class DeviceProfile:
             raise LLMFlashError(f"device profile {source} has invalid values: {exc}") from exc
 
 
-DEFAULT_PROFILE = DeviceProfile(a_us=54.0, s0_us=10.7, bandwidth_Bps=1.19e9, threads=32, source="STORAGE.md")
+DEFAULT_PROFILE = DeviceProfile(a_us=54.0, s0_us=10.7, bandwidth_Bps=1.19e9, threads=32, source="docs/STORAGE.md")
 """Consensus of all readers measured in docs/STORAGE.md §3 (virtio disk, ext4, 2 vCPU)."""
 
 

