@@ -155,7 +155,9 @@ class FlashModelDir:
         if not self.path.exists():
             raise LLMFlashError(f"not an llmflash model directory: {self.path} does not exist")
         if not self.path.is_dir():
-            raise LLMFlashError(f"not an llmflash model directory: {self.path} is a file, not a directory")
+            hint = (f"; a {self.path.suffix} file is a source: `llmflash convert {self.path} DIR` first"
+                    if self.path.suffix.lower() in (".gguf", ".safetensors") else "")
+            raise LLMFlashError(f"not an llmflash model directory: {self.path} is a file, not a directory{hint}")
         if not manifest_path.exists():
             hint = " (an unfinished conversion?)" if ".tmp" in self.path.name else ""
             raise LLMFlashError(
