@@ -364,7 +364,11 @@ def create_app(model, model_name: str | None = None, *, max_body_bytes: int = DE
 
     async def health(request: Request) -> Response:
         depth = runner.depth if runner is not None else 0
-        return JSONResponse({"status": "ok", "model": name, "mode": model.mode, "queue_depth": depth})
+        body = {"status": "ok", "model": name, "mode": model.mode, "queue_depth": depth}
+        plan = model.stats.get("memory_plan")  # after the first generation in flash/hybrid mode
+        if plan is not None:
+            body["memory_plan"] = plan
+        return JSONResponse(body)
 
     async def prometheus(request: Request) -> Response:
         body, content_type = metrics.render()
