@@ -60,7 +60,22 @@ class TokenLog:
             getattr(self, key)[-1] += value
 
 
-class _FlashBacked(FFNProvider):
+class _Logged(FFNProvider):
+    """A provider that counts each forward pass's reads, bytes and times in `self.log`."""
+
+    log: "TokenLog"
+
+    def begin_pass(self, tokens: int) -> None:
+        self.log.start()
+
+    def begin_generation(self) -> None:
+        self.log = TokenLog()
+
+    def token_log(self) -> "TokenLog":
+        return self.log
+
+
+class _FlashBacked(_Logged):
     """Shared plumbing: the FFN file opened for direct I/O, a reader, a log, the bundle dtype."""
 
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, reader: FlashReader | None):
@@ -76,15 +91,6 @@ class _FlashBacked(FFNProvider):
         # per-bundle digests checked on every scattered read (format/integrity.py)
         self.checks = BundleChecks.load(model_dir)
         self.verify_s, self.verified_bundles = 0.0, 0
-
-    def begin_pass(self, tokens: int) -> None:
-        self.log.start()
-
-    def begin_generation(self) -> None:
-        self.log = TokenLog()
-
-    def token_log(self) -> "TokenLog":
-        return self.log
 
     def _as_rows(self, raw: np.ndarray) -> torch.Tensor:
         return self.dir.bundles_from_bytes(raw)
@@ -294,7 +300,7 @@ class NaiveFFN(_FlashBacked):
         return {"resident_ffn_layers": len(self.resident), "direct_io": self.file.direct}
 
 
-class MmapFFN(FFNProvider):
+class MmapFFN(_Logged):
     """Baseline: ffn.bin memory-mapped and left to the OS page cache, as llama.cpp does.
 
     Settings: a plain read-only shared mapping with the kernel's default read-ahead and no
@@ -321,15 +327,6 @@ class MmapFFN(FFNProvider):
             arr = arr.view(NUMPY_VIEW[model_dir.bundle.dtype]).reshape(region.neurons, -1)
             self.layers.append(arr)
         self.log = TokenLog()
-
-    def begin_pass(self, tokens: int) -> None:
-        self.log.start()
-
-    def begin_generation(self) -> None:
-        self.log = TokenLog()
-
-    def token_log(self) -> "TokenLog":
-        return self.log
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         import warnings
