@@ -93,6 +93,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 def load_options(args: argparse.Namespace) -> dict:
     """llmflash.load keyword arguments from the run options."""
+    if args.sparsity == "oracle":
+        print("llmflash: warning: --sparsity oracle is deprecated; use --sparsity exact (ReLU models) "
+              "or --sparsity magnitude", file=sys.stderr)
     return {"mode": args.mode, "memory": args.memory, "window": args.window, "sparsity": args.sparsity,
             "density": args.density, "dtype": args.dtype, "threads": args.threads, "reader": args.reader,
             "pin": args.pin, "predictor_cost": args.predictor_cost, "context": args.context}

@@ -243,7 +243,7 @@ def _write_tokenizer(directory: Path, tok: TokenizerSpec, files: dict) -> dict:
 
 def check_destination(dst: Path, force: bool) -> None:
     if Path(dst).exists() and not force:
-        raise LLMFlashError(f"{dst} already exists; pass --force to replace it")
+        raise LLMFlashError(f"{dst} already exists; convert with force=True (--force) to replace it")
 
 
 def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[tuple[str, tuple]],
@@ -329,7 +329,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
             progress: bool = True) -> FlashModelDir:
     """Convert a Hugging Face directory or GGUF file at SRC into the flash layout at DST."""
     if dtype not in DTYPES:
-        raise LLMFlashError(f"unsupported --dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise LLMFlashError(f"unsupported storage dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     torch_dtype = DTYPES[dtype]
     dst = Path(dst)
     check_destination(dst, force)

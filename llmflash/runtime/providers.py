@@ -174,7 +174,7 @@ class FlashFFN(_FlashBacked):
             return None
         hot = self.dir.layers[layer].hot
         if hot is None:
-            raise LLMFlashError(f"--pin needs neuron statistics: run `llmflash reorder {self.dir.path} "
+            raise LLMFlashError(f"pin needs neuron statistics: run `llmflash reorder {self.dir.path} "
                                 "--text FILE` first")
         k = min(int(round(pin * self.dir.config.intermediate_size)), self.plan.capacity(layer) // 2,
                 len(hot))

@@ -179,7 +179,7 @@ def resolve_sparsity(model_dir: FlashModelDir, sparsity: str | None, mode: str) 
     "oracle" (older releases) means exact on ReLU models and magnitude on the others."""
     relu = model_dir.config.hidden_act in RELU_ACTS
     if sparsity == "oracle":
-        warnings.warn("--sparsity oracle is deprecated: use exact (ReLU models) or magnitude",
+        warnings.warn("sparsity 'oracle' is deprecated: use exact (ReLU models) or magnitude",
                       DeprecationWarning, stacklevel=2)
         return "exact" if relu else "magnitude"
     if sparsity is None or sparsity == "auto":

@@ -50,7 +50,7 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise LLMFlashError("this model has no chat template; run without --chat")
+            raise LLMFlashError("this model has no chat template: send the prompt as plain text (chat_template=False)")
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)

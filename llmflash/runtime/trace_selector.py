@@ -81,7 +81,7 @@ def parse_predictor_cost(spec: str) -> tuple[str, int]:
     except ValueError:
         value = 0
     if kind not in PREDICTOR_COSTS or value < 1 or (kind == "quant" and value > 8):
-        raise LLMFlashError(f"--predictor-cost {spec!r}: use lowrank:RANK (e.g. lowrank:128) or "
+        raise LLMFlashError(f"predictor cost {spec!r}: use lowrank:RANK (e.g. lowrank:128) or "
                             "quant:BITS (1..8)")
     return kind, value
 
