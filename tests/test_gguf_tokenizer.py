@@ -299,3 +299,39 @@ def test_malformed_vocabulary_is_one_line_naming_the_field(tmp_path, case, field
         ours_for(path, "llama")
     message = str(info.value)
     assert field in message and str(path) in message and "\n" not in message
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "default"])
+def test_written_byte_level_bpe_matches_transformers(tmp_path, pre):
+    """Byte-level BPE GGUFs (Qwen2/Qwen3 write pre "qwen2", Llama 3 "llama-bpe"): the split regex
+    follows tokenizer.ggml.pre as transformers' does. Vocabulary: the tiny test tokenizer's."""
+    import tiny_models
+
+    tiny_models.write_tokenizer(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    path = tmp_path / f"{pre}.gguf"
+    writer = gguf.GGUFWriter(path, "qwen3")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    spec, ours = ours_for(path)
+    assert spec.extra["pre_tokenizer_used"] == {"qwen2": "qwen2", "llama-bpe": "llama3"}.get(pre, "gpt2")
+    assert_same_tokens(ours, reference_for(path))
