@@ -23,12 +23,12 @@ SECOND = "And two more?"
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """A tiny random llama with a real BPE tokenizer and a chat template (fast to answer)."""
-    import llmflash
+    from llmflash.api import convert  # (`llmflash.convert` is the subpackage once something imported it)
     from tiny_models import build
 
     root = tmp_path_factory.mktemp("tiny-chat")
     build("llama-gqa", root / "hf")
-    return llmflash.convert(root / "hf", root / "model", dtype="float32", progress=False)
+    return convert(root / "hf", root / "model", dtype="float32", progress=False)
 
 
 def test_chat_through_a_pipe(tiny_chat_model):

@@ -47,12 +47,12 @@ def write_tasks(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import llmflash
+    from llmflash.api import convert  # (`llmflash.convert` is the subpackage once something imported it)
     from tiny_models import build
 
     root = tmp_path_factory.mktemp("lm-eval")
     build("llama-gqa", root / "hf", seed=3)
-    model = llmflash.convert(root / "hf", root / "model", dtype="float32", progress=False)
+    model = convert(root / "hf", root / "model", dtype="float32", progress=False)
     return root / "hf", model, write_tasks(root / "tasks")
 
 

@@ -202,7 +202,7 @@ def test_eight_concurrent_clients(server, client):
 KILLED_CLIENT = """
 import sys, openai
 c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="none", max_retries=0)
-for chunk in c.completions.create(model="smol", prompt=sys.argv[2], max_tokens=4000, temperature=0, stream=True):
+for chunk in c.completions.create(model="smol", prompt=sys.argv[2], max_tokens=1500, temperature=0, stream=True):
     print("chunk", flush=True)
 """
 
@@ -216,7 +216,7 @@ def test_client_killed_mid_stream_frees_the_engine(server, client):
         assert proc.stdout.readline() == "chunk\n"
     proc.kill()
     proc.wait()
-    # served only once the killed stream let go of the engine (it would hold it for 4000 tokens)
+    # served only once the killed stream let go of the engine (it would hold it for 1500 tokens)
     r = client.completions.create(model="smol", prompt=PROMPT, max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
     assert metric(server, "llmflash_generations_cancelled_total") == cancelled + 1
@@ -297,7 +297,7 @@ def test_sampling_with_seed_is_reproducible(client):
 
 def test_flash_mode_metrics(smollm2_dir):
     """A server in flash mode reports the bytes its generations read from flash."""
-    proc, base = start_server(smollm2_dir, "--mode", "flash", "--memory", "90%")
+    proc, base = start_server(smollm2_dir, "--mode", "flash", "--memory", "100%")
     try:
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
         r = c.completions.create(model="smol", prompt=PROMPT, max_tokens=4, temperature=0)
