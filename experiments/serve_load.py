@@ -18,7 +18,6 @@ import argparse
 import json
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import threading
