@@ -12,7 +12,8 @@ flag works). From Python: `import llmflash.integrations.lm_eval` then
 
 model_args: pretrained (or path) = a converted model directory; mode, memory, window, sparsity,
 density, dtype, threads, reader, pin, context, predictor_cost = llmflash.load's arguments;
-add_bos_token (default: what the tokenizer does by default, as lm-eval's "hf" model); max_length (default: the model's context). Likelihoods come from
+add_bos_token (default: what the tokenizer does by default, as lm-eval's "hf" model); max_length
+(default: the model's context). Likelihoods come from
 Model.logits over the whole sequence: in dense mode with a selector (sparsity=predictor|magnitude|
 exact) every token sees only its selected neurons, as when it is decoded alone, which is the
 paper's sparse-accuracy setting; flash mode's multi-token passes compute the exact FFN, so use
