@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
                          prompt_tokens=args.prompt_tokens, sparsity=args.sparsity or "auto", modes=modes,
                          dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
                          threads=args.threads, reader=args.reader, density=args.density,
-                         max_seconds=args.max_seconds, predictor_cost=args.predictor_cost,
+                         max_seconds=args.max_seconds, predictor_cost=args.predictor_cost, context=args.context,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if args.json:

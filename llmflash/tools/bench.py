@@ -231,7 +231,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           prompt_tokens: int = 64, sparsity: str = "auto", modes: tuple[str, ...] = MODES_ORDER,
           dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
           threads: int = 32, reader: str = "auto", density: float | None = None,
-          max_seconds: float | None = None, predictor_cost: str | None = None, progress=print) -> dict:
+          max_seconds: float | None = None, predictor_cost: str | None = None, context: int | None = None,
+          progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.runtime.engine import load_tokenizer
 
@@ -249,13 +250,15 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
               "pin": pin, "threads": threads, "reader": reader, "density": density,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
-              "max_seconds": max_seconds, "predictor_cost": predictor_cost, "modes": {}}
+              "max_seconds": max_seconds, "predictor_cost": predictor_cost, "context": context, "modes": {}}
     bandwidth = result["memory_bandwidth"] = copy_bandwidth()
     for mode in modes:
         progress(f"bench: running {mode} ...")
         started = time.perf_counter()
         limit = budget + overhead + FIXED_OVERHEAD_BYTES if (limit_memory and mode != "dense") else None
         extra = ("--threads", str(threads), "--reader", reader)
+        if context is not None:  # the KV cache for --context tokens is charged to the budget
+            extra += ("--context", str(context))
         if mode == "flash" and density is not None:
             extra += ("--density", str(density))
         if mode == "flash" and predictor_cost:
