@@ -126,7 +126,7 @@ class BundleChecks:
 
 class LayerVerifier:
     """Whole layers checked once per layer and process by default: against the per-bundle digests
-    where the model has them (xxh3, 5x faster than sha256), else against the layer's sha256."""
+    where the model has them (xxh3, 3-5x faster than sha256), else against the layer's sha256."""
 
     _UNLOADED = object()
 
