@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from llmflash.convert.writer import convert as _convert
+from llmflash.conversion.writer import convert as _convert
 from llmflash.errors import LLMFlashError
 from llmflash.runtime.engine import Engine, GenerationResult, peak_rss_bytes
 from llmflash.runtime.modes import RunOptions, ffn_factory
@@ -239,7 +239,7 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     density: share of neurons a magnitude selector keeps per token (default 0.5), or, for
         predictors, the calibrated thresholds that kept that share.
     context: the longest sequence (prompt + generated) in tokens; its KV cache is charged to the
-        budget (default 2048, at most the model's).
+        budget (default 512, at most the model's).
     dtype: what weights are held at in DRAM: auto (as stored: float16, bfloat16 or float32),
         float16, bfloat16 or float32 (converted at load). Activations are float32 in every case.
     """

@@ -59,7 +59,7 @@ def default_model_dir(models_dir: Path | None = None, dtype: str = "float32") ->
     float32 by default: the runtime computes in float32 on CPU (as the paper's CPU runs), so the
     stored bytes are the DRAM bytes and a 50% budget means half of what the model really needs.
     """
-    from llmflash.convert.writer import convert
+    from llmflash.conversion.writer import convert
 
     models_dir = models_dir or llmflash_home() / "models"
     target = models_dir / f"{DEFAULT_NAME}-{dtype}"

@@ -41,7 +41,7 @@ def converted() -> Path:
     import shutil
     import tempfile
 
-    from llmflash.convert.writer import convert
+    from llmflash.conversion.writer import convert
 
     base = Path(tempfile.mkdtemp(prefix="llmflash-gemma-"))
     atexit.register(shutil.rmtree, base, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.engine import Engine
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir

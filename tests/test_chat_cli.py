@@ -23,7 +23,7 @@ SECOND = "And two more?"
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """A tiny random llama with a real BPE tokenizer and a chat template (fast to answer)."""
-    from llmflash.api import convert  # (`llmflash.convert` is the subpackage once something imported it)
+    from llmflash import convert
     from tiny_models import build
 
     root = tmp_path_factory.mktemp("tiny-chat")

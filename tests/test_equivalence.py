@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.engine import Engine
 
 KINDS = ["opt", "opt-proj", "llama-gqa", "llama-tied", "llama-relu", "llama-bias", "fatrelu",

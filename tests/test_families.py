@@ -19,7 +19,7 @@ import torch
 
 import gemma_ref
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.engine import Engine
 
 VOCAB = tiny_models.VOCAB

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.memory_plan import parse_budget, plan_memory
 from llmflash.runtime.modes import RunOptions, ffn_factory
 from llmflash.runtime.engine import Engine, process_read_bytes

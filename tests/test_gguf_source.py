@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmflash.convert.gguf_source import GGUFSource
+from llmflash.conversion.gguf_source import GGUFSource
 from llmflash.errors import LLMFlashError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -294,7 +294,7 @@ def test_module_needs_no_transformers(tmp_path):
     _write_tiny_llama(path)
     code = (
         "import sys; from pathlib import Path\n"
-        "from llmflash.convert.gguf_source import GGUFSource\n"
+        "from llmflash.conversion.gguf_source import GGUFSource\n"
         f"s = GGUFSource(Path({str(path)!r})); s.read_tensor('model.layers.1.self_attn.k_proj.weight')\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )

@@ -19,7 +19,7 @@ import pytest
 
 import gemma_ref
 
-from llmflash.convert.gguf_tokenizer import tokenizer_spec
+from llmflash.conversion.gguf_tokenizer import tokenizer_spec
 from llmflash.errors import LLMFlashError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

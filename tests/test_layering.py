@@ -20,8 +20,8 @@ ALLOWED = {
     "models": {"models"} | BASE,
     "format": {"format", "models"} | BASE,
     "runtime": {"runtime", "format", "models"} | BASE,
-    "convert": {"convert", "runtime", "format", "models"} | BASE,
-    "tools": {"tools", "convert", "runtime", "format", "models", "defaults"} | BASE,
+    "conversion": {"conversion", "runtime", "format", "models"} | BASE,
+    "tools": {"tools", "conversion", "runtime", "format", "models", "defaults"} | BASE,
 }
 
 
@@ -114,7 +114,7 @@ def test_no_module_level_import_cycle():
 
 
 @pytest.mark.parametrize("entry", ["llmflash", "llmflash.cli", "llmflash.api", "llmflash.runtime.modes",
-                                   "llmflash.tools.bench", "llmflash.convert.writer", "llmflash.format.layout"])
+                                   "llmflash.tools.bench", "llmflash.conversion.writer", "llmflash.format.layout"])
 def test_entry_modules_import_in_a_fresh_interpreter(entry):
     proc = subprocess.run([sys.executable, "-c", f"import {entry}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -135,3 +135,13 @@ def test_cli_answers_fast_without_torch():
     proc = subprocess.run([sys.executable, "-m", "llmflash", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and llmflash.__version__ in proc.stdout
     assert time.perf_counter() - started < 5  # a generous bound on a loaded CI machine
+
+
+def test_public_api_names_survive_submodule_imports():
+    """`llmflash.convert` stays the API function after the importers are loaded (a subpackage of
+    the same name would replace it)."""
+    import llmflash.conversion.writer  # noqa: F401
+    import llmflash.defaults  # noqa: F401
+
+    assert callable(llmflash.convert) and llmflash.convert.__module__ == "llmflash.api"
+    assert callable(llmflash.load)

@@ -47,7 +47,7 @@ def write_tasks(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from llmflash.api import convert  # (`llmflash.convert` is the subpackage once something imported it)
+    from llmflash import convert
     from tiny_models import build
 
     root = tmp_path_factory.mktemp("lm-eval")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.format.layout import FlashModelDir
 from llmflash.runtime.engine import Engine
 from llmflash.runtime.ffn import DenseFFN

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.modes import RunOptions, ffn_factory
 from llmflash.runtime.engine import Engine
 from llmflash.errors import LLMFlashError

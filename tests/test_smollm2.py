@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.engine import Engine
 
 

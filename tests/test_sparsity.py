@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.runtime.ffn import DenseFFN
 from llmflash.runtime.engine import Engine
 from llmflash.errors import LLMFlashError

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_models
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.errors import LLMFlashError
 from llmflash.format.trace_file import Trace
 from llmflash.runtime.engine import Engine

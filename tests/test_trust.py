@@ -23,7 +23,7 @@ import pytest
 
 import tiny_models
 from llmflash.cli import main
-from llmflash.convert.writer import convert
+from llmflash.conversion.writer import convert
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
 from llmflash.format.schema import seal

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmflash.convert.writer import convert
+    from llmflash.conversion.writer import convert
     from llmflash.format.layout import FlashModelDir
 
     model: FlashModelDir = convert(args.src, args.dst, dtype=args.dtype, force=args.force,

@@ -69,7 +69,7 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
                         "input and charge its memory and time, output unused (with --sparsity trace:PATH)")
     g.add_argument("--context", type=positive_int, default=None,
                    help="longest sequence (prompt + generated) in tokens; its KV cache is charged to "
-                        "--memory (default 2048, at most the model's)")
+                        "--memory (default 512, at most the model's)")
     g.add_argument("--threads", type=positive_int, default=32, help="reads in flight (flash, naive, hybrid)")
     g.add_argument("--reader", default="auto", choices=("auto", "aio", "threads"),
                    help="how reads are kept in flight: kernel AIO or a thread pool calling preadv "

@@ -55,7 +55,7 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     return total
 
 
-DEFAULT_CONTEXT = 2048  # tokens of one sequence (prompt + generated) a run holds, unless told
+DEFAULT_CONTEXT = 512  # tokens of one sequence (prompt + generated) a run holds, unless told
 KV_DTYPE = torch.float32  # keys and values are activations (runtime.engine.ACTIVATIONS)
 MIN_SCRATCH_ROWS = 64  # enough reads in flight to amortise the device latency (docs/STORAGE.md §3)
 

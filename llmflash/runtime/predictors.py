@@ -34,7 +34,6 @@ result falls short: selection above `max_selected_ratio` x the active set (ReLU)
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

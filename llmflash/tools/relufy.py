@@ -169,7 +169,7 @@ def _write_model(src: FlashModelDir, dst: Path, resident: dict[str, torch.Tensor
     """Write a Hugging Face directory beside DST and convert it into DST with the source dtype."""
     from safetensors.torch import save_file
 
-    from llmflash.convert.writer import convert
+    from llmflash.conversion.writer import convert
 
     c = src.config
     tmp = dst.parent / f".{dst.name}.relufy-hf-{os.getpid()}"

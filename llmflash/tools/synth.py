@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from llmflash.models import ModelConfig, config_from_hf
-from llmflash.convert.source import TokenizerSpec
-from llmflash.convert.writer import check_destination, write_model_dir
+from llmflash.conversion.source import TokenizerSpec
+from llmflash.conversion.writer import check_destination, write_model_dir
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for
 from llmflash.format.schema import expected_resident_shapes
@@ -220,7 +220,7 @@ def default_tokenizer() -> TokenizerSpec:
                              entry["eos_token"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    from llmflash.convert.gguf_source import GGUFSource
+    from llmflash.conversion.gguf_source import GGUFSource
     from llmflash.defaults import default_gguf
 
     spec = GGUFSource(default_gguf()).tokenizer()
