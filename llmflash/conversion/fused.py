@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llmflash.convert.source import ModelSource, TokenizerSpec
+from llmflash.conversion.source import ModelSource, TokenizerSpec
 from llmflash.errors import LLMFlashError
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmflash.convert.source import TokenizerSpec
+from llmflash.conversion.source import TokenizerSpec
 from llmflash.errors import LLMFlashError
 from llmflash.models import BY_GGUF_ARCHITECTURE, llama
 
@@ -460,8 +460,8 @@ class GGUFSource:
 
     def tokenizer(self) -> TokenizerSpec:
         """A `tokenizers` tokenizer.json rebuilt from the GGUF's tokenizer.ggml.* metadata
-        (byte-level BPE or SentencePiece: llmflash/convert/gguf_tokenizer.py)."""
-        from llmflash.convert.gguf_tokenizer import tokenizer_spec
+        (byte-level BPE or SentencePiece: llmflash/conversion/gguf_tokenizer.py)."""
+        from llmflash.conversion.gguf_tokenizer import tokenizer_spec
 
         spec = tokenizer_spec(lambda key: self._meta(key, None), self.arch, self.path)
         if spec.chat_template is None:  # e.g. Gemma-3-270M's GGUF carries none: the family's own

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from llmflash.convert.source import TokenizerSpec
+from llmflash.conversion.source import TokenizerSpec
 from llmflash.errors import LLMFlashError
 
 # llama.cpp's tokenizer.ggml.token_type values.

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llmflash.convert.source import TokenizerSpec
+from llmflash.conversion.source import TokenizerSpec
 from llmflash.errors import LLMFlashError
 
 _ST_DTYPE_SIZES = {

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from llmflash import __version__
 from llmflash.models import ModelConfig, config_from_hf
-from llmflash.convert.source import ModelSource, TokenizerSpec
+from llmflash.conversion.source import ModelSource, TokenizerSpec
 from llmflash.errors import LLMFlashError
 from llmflash.models import ffn_tensor_names, normalise_name, resident_tensor_names
 from llmflash.format.integrity import bundle_digests, checks_name, write_checks
@@ -48,14 +48,14 @@ def open_source(src: Path) -> ModelSource:
     """Pick the importer from what SRC is: a directory (Hugging Face) or a .gguf file."""
     src = Path(src)
     if src.is_dir():
-        from llmflash.convert.hf_source import HFSource
+        from llmflash.conversion.hf_source import HFSource
 
         return _split_fused(HFSource(src))
     if src.is_file():
         with open(src, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF" or src.suffix == ".gguf":
-            from llmflash.convert.gguf_source import GGUFSource
+            from llmflash.conversion.gguf_source import GGUFSource
 
             return _split_fused(GGUFSource(src))
         raise LLMFlashError(f"{src} is neither a Hugging Face model directory nor a GGUF file")
@@ -71,7 +71,7 @@ def _split_fused(source: ModelSource) -> ModelSource:
     fused = getattr(BY_MODEL_TYPE.get(hf.get("model_type")), "fused_tensors", None)
     if fused is None:
         return source
-    from llmflash.convert.fused import SplitFused
+    from llmflash.conversion.fused import SplitFused
 
     config = config_from_hf(hf, where=str(source.path))
     return SplitFused(source, fused(config), config.num_layers)
