@@ -21,6 +21,7 @@ import torch
 from llmflash.conversion.writer import convert as _convert
 from llmflash.errors import LLMFlashError
 from llmflash.runtime.engine import Engine, GenerationResult, peak_rss_bytes
+from llmflash.runtime.memory_plan import DEFAULT_CONTEXT
 from llmflash.runtime.modes import RunOptions, ffn_factory
 from llmflash.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -245,6 +246,7 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     """
     if dtype not in COMPUTE_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
+    context = context or DEFAULT_CONTEXT  # the engine and the memory plan agree on it
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
                          threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost,
                          context=context)

@@ -69,7 +69,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(smollm2_dir):
-    proc, base = start_server(smollm2_dir)
+    proc, base = start_server(smollm2_dir, "--context", "2048")  # room for the 1500-token stream below
     yield base
     stop_server(proc)
     assert proc.returncode == 0, proc.stdout.read()

@@ -243,4 +243,4 @@ def test_cli_synth_trace_generate(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"bad trace file {trace}" in r.stderr
     r = _cli("generate", model, "--ids", "1,2", "--mode", "flash", "--memory", "100%",
              "--sparsity", f"trace:{trace}", "--predictor-cost", "lowrank:x")
-    assert r.returncode == 2 and "predictor-cost" in r.stderr
+    assert r.returncode == 2 and "predictor cost" in r.stderr

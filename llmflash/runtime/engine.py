@@ -170,8 +170,9 @@ class Engine:
                  context: int | None = None):
         """dtype: what weights are held at (None: as stored, float16/bfloat16/float32); the FFN
         provider factory gets the same. Activations are float32 (ACTIVATIONS) in every case.
-        context: the longest sequence (prompt + generated) this engine runs, in tokens (default
-        memory_plan.DEFAULT_CONTEXT, at most the model's); the memory plan charges its KV cache."""
+        context: the longest sequence (prompt + generated) this engine runs, in tokens, at most the
+        model's (None: the model's, for offline tools); llmflash.load passes the one its memory plan
+        charged the KV cache for."""
         self.read_bytes_at_start = process_read_bytes()
         self.dir = FlashModelDir(path)
         self.config = self.dir.config
@@ -185,7 +186,9 @@ class Engine:
         self.tokenizer = load_tokenizer(self.dir)
         self.weights = load_weights(self.dir, dtype)
         self.ffn = (ffn or dense_ffn)(self.dir, dtype)
-        self.context = resolve_context(self.config, context)
+        # offline tools (calibrate, eval...) run dense with no plan: the model's whole context; runs
+        # built by llmflash.load pass the context their memory plan charged
+        self.context = self.config.max_position_embeddings if context is None else resolve_context(self.config, context)
         # non-finite FFN outputs are an error naming the layer, not NaN logits (checked_ffn.py)
         self.model = build_model(self.config, self.weights, FiniteCheckedFFN(self.ffn, f" in {self.dir.path}"),
                                  self.context, ACTIVATIONS)
