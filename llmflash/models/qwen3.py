@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from llmflash.models import llama
-from llmflash.models.base import Decoder, FFNProvider, KVCache, Rotary, attention, causal_mask, linear, rms_norm
+from llmflash.models.base import KVCache, attention, causal_mask, linear, rms_norm
 from llmflash.models.config import ModelConfig, activation, check_rope_scaling, eos_list, rope_scaling, rope_theta
 
 FAMILY = "qwen3"
@@ -117,13 +117,8 @@ def resident_tensor_names(config: ModelConfig) -> list[str]:
 
 
 # -- forward ------------------------------------------------------------------------------------------
-class Model(Decoder):
+class Model(llama.Model):
     """Llama's forward with per-head RMSNorm on q and k before the rotation."""
-
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ffn: FFNProvider,
-                 max_len: int, dtype: torch.dtype = torch.float32):
-        super().__init__(config, weights, ffn, dtype)
-        self.rotary = Rotary(config, max_len, dtype)
 
     def _attention(self, layer: int, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         c, p, w = self.config, f"model.layers.{layer}.self_attn.", self.w
@@ -138,17 +133,3 @@ class Model(Decoder):
         k_all, v_all = cache.append(layer, start, k, v.transpose(0, 1))
         out = attention(q, k_all, v_all, causal_mask(start, T, c.sliding_window))
         return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
-
-    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        c, w = self.config, self.w
-        start = cache.length
-        self.ffn.begin_pass(ids.shape[0])
-        x = self.embed[ids].to(self.dtype)
-        for layer in range(c.num_layers):
-            p = f"model.layers.{layer}."
-            x = x + self._attention(layer, rms_norm(x, w[p + "input_layernorm.weight"], c.norm_eps), cache, start)
-            x = x + self.ffn(layer, rms_norm(x, w[p + "post_attention_layernorm.weight"], c.norm_eps))
-        cache.length = start + ids.shape[0]
-        if last_only:
-            x = x[-1:]
-        return linear(rms_norm(x, w["model.norm.weight"], c.norm_eps), self.lm_head)
