@@ -107,7 +107,7 @@ class Terminal:
 
 
 def test_ctrl_c_stops_an_answer_not_the_chat(smollm2_dir):
-    term = Terminal([sys.executable, "-m", "llmflash", "chat", str(smollm2_dir), "--max-new-tokens", "4000",
+    term = Terminal([sys.executable, "-m", "llmflash", "chat", str(smollm2_dir), "--max-new-tokens", "4000", "--context", "4096",
                      "--ignore-eos"])
     term.read_until(r"> ")
     term.send("Count from 1 to 1000, separated by commas.\r")
