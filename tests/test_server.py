@@ -304,6 +304,8 @@ def test_flash_mode_metrics(smollm2_dir):
         assert r.usage.completion_tokens == 4
         assert metric(base, "llmflash_flash_bytes_read_total") > 0
         assert metric(base, "llmflash_last_neurons_loaded_per_token") > 0
+        hit = metric(base, "llmflash_neuron_cache_hit_ratio")  # NaN would fail both bounds
+        assert 0.0 <= hit < 1.0, hit  # some selected neurons had to be loaded, so not all were hits
         assert metric(base, "llmflash_completion_tokens_total") == 4
     finally:
         stop_server(proc)

@@ -91,7 +91,8 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
     else:
         io, mem, sel, nbytes, reads = log.io_s, log.mem_s, log.select_s, log.bytes, log.reads
         extra = {"io_model_ms": [round(v * 1000, 4) for v in log.io_model_s[1:]],
-                 "neurons_loaded": log.neurons_loaded[1:], "rows_used": log.rows_used[1:],
+                 "neurons_loaded": log.neurons_loaded[1:], "neurons_selected": log.neurons_selected[1:],
+                 "rows_used": log.rows_used[1:],
                  "window_shrunk_layers": log.window_shrunk[1:],
                  "streamed_neurons": log.streamed[1:]}
     n = min(len(steps), len(io))

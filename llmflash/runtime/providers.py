@@ -47,6 +47,7 @@ class TokenLog:
     bytes: list[int] = field(default_factory=list)
     reads: list[int] = field(default_factory=list)
     neurons_loaded: list[int] = field(default_factory=list)
+    neurons_selected: list[int] = field(default_factory=list)  # the selector's choice, summed over layers
     rows_used: list[int] = field(default_factory=list)
     window_shrunk: list[int] = field(default_factory=list)  # layers whose window shrank
     streamed: list[int] = field(default_factory=list)  # selected neurons over capacity, not cached
@@ -226,7 +227,7 @@ class FlashFFN(_FlashBacked):
             t1 = time.perf_counter()
             cache.fill(plan, self._as_rows(raw))
             mem += time.perf_counter() - t1
-        self.log.add(mem_s=mem, neurons_loaded=len(plan), rows_used=cache.n_used,
+        self.log.add(mem_s=mem, neurons_loaded=len(plan), neurons_selected=len(ids), rows_used=cache.n_used,
                      window_shrunk=int(plan.window_used < min(self.window, cache.t + 1)),
                      streamed=len(plan.dropped))
         return plan.dropped
