@@ -12,8 +12,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(NAME, help="import a Hugging Face directory or GGUF file into the flash layout")
     p.add_argument("src", type=Path, help="Hugging Face model directory or .gguf file")
     p.add_argument("dst", type=Path, help="output directory (the flash layout)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of the weights (default float16)")
+    p.add_argument("--dtype", default="float16",
+                   choices=["float16", "bfloat16", "float32", "int8", "int4", "auto"],
+                   help="storage dtype of the weights (default float16): int8/int4 store the FFN bundles "
+                        "in GGUF's Q8_0/Q4_0 blocks (docs/FORMAT.md); auto: a quantized GGUF's nearest "
+                        "block format (its Q8_0/Q4_0 blocks copied as they are), else float16")
+    p.add_argument("--resident-dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="int8/int4 models: dtype of the resident matrices (embeddings, attention, head; "
+                        "default float16)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -24,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from llmflash.format.layout import FlashModelDir
 
     model: FlashModelDir = convert(args.src, args.dst, dtype=args.dtype, force=args.force,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, resident_dtype=args.resident_dtype)
     sizes = model.weights_nbytes()
     print(f"wrote {model.path}: {model.config.model_type}, {model.config.num_layers} layers, "
           f"resident {sizes['resident'] / 2**20:.1f} MiB, FFN bundles {sizes['ffn'] / 2**20:.1f} MiB "
-          f"({model.bundle.nbytes} bytes per neuron)")
+          f"({model.bundle.nbytes} bytes per neuron, {model.dtype})")
     return 0

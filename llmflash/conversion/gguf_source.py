@@ -35,6 +35,16 @@ from llmflash.models import BY_GGUF_ARCHITECTURE, llama
 # config (Llama 3.x rope frequency factors, rebuilt into rope_scaling by _llama3_rope_scaling).
 _CONFIG_TENSORS = {"rope_freqs.weight"}
 
+# Tensor types this importer reads. Q8_0 and Q4_0 are kept block for block by `convert --dtype
+# int8|int4` (format/quantized.py); the others are dequantized by gguf and, for a quantized
+# conversion, requantized to the nearest of int8/int4 (NEAREST_KIND), which convert says.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# The llmflash block format a GGUF type maps to: never fewer bits than the file had below 5
+# (Q5/Q6 -> int8: requantizing 5-6 bits to 4 would lose more than the file's own rounding).
+NEAREST_KIND = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q2_K": "int4", "Q3_K": "int4",
+                "Q4_K": "int4", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8"}
+
 def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation, giving transformers' row order back.
 
@@ -72,6 +82,11 @@ class GGUFSource:
                 f"cannot read GGUF file {self.path} (not a GGUF file, or truncated or corrupt): {exc}"
             ) from None
         self._check_sizes()
+        for t in self._reader.tensors:
+            if t.tensor_type.name not in SUPPORTED_TYPES:
+                raise LLMFlashError(
+                    f"unsupported GGUF tensor type {t.tensor_type.name} for tensor {t.name} in {self.path}; "
+                    f"llmflash reads {', '.join(SUPPORTED_TYPES)}")
         arch = self._meta("general.architecture", None)
         self._module = BY_GGUF_ARCHITECTURE.get(arch) if isinstance(arch, str) else None
         if self._module is None:
@@ -449,6 +464,20 @@ class GGUFSource:
         elif gguf_name.endswith(".attn_k.weight"):
             out = _reverse_llama_permute(out, self._config["num_key_value_heads"])
         return out.contiguous()
+
+    def tensor_type(self, name: str) -> str:
+        """GGUF type name of an HF-named tensor (e.g. "Q4_0"), without reading it."""
+        return self._by_gguf_name[self._gguf_name(name)].tensor_type.name
+
+    def read_blocks(self, name: str) -> np.ndarray:
+        """A Q8_0 / Q4_0 tensor's bytes as stored, uint8 [rows, row bytes] in HF orientation (rows
+        of GGUF blocks along the innermost axis, which is HF's input axis): nothing re-rounded.
+        Only for tensors llama.cpp stores unpermuted (the FFN's)."""
+        gguf_name = self._gguf_name(name)
+        t = self._by_gguf_name[gguf_name]
+        shape = self._gguf_shape(gguf_name)
+        rows = int(np.prod(shape[:-1]))
+        return np.array(t.data, dtype=np.uint8, copy=True).reshape(rows, -1)
 
     def _gguf_name(self, name: str) -> str:
         gguf_name = self._hf_to_gguf.get(name)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,6 +28,7 @@ from llmflash.errors import LLMFlashError
 from llmflash.models import ffn_tensor_names, normalise_name, resident_tensor_names
 from llmflash.format.integrity import bundle_digests, checks_name, write_checks
 from llmflash.format.tempfiles import remove_stale
+from llmflash.format import quantized
 from llmflash.format.layout import (
     ALIGNMENT,
     DTYPES,
@@ -38,6 +40,7 @@ from llmflash.format.layout import (
     FlashModelDir,
     align_up,
     bundle_layout_for,
+    down_scales_name,
     write_manifest,
 )
 
@@ -163,8 +166,11 @@ class _HashingWriter:
         return {"bytes": self.size, "sha256": self.sha.hexdigest()}
 
 
-def _resident_dtype(shape: tuple[int, ...], dtype: torch.dtype) -> torch.dtype:
-    # 1-D tensors (norm weights, biases) are tiny: keep them in float32 for accuracy.
+def _resident_dtype(shape: tuple[int, ...], dtype: torch.dtype, name: str = "") -> torch.dtype:
+    # 1-D tensors (norm weights, biases) are tiny: keep them in float32 for accuracy. A quantized
+    # model's down-projection block scales are float16, as in the block format.
+    if name.startswith("ffn.layers."):
+        return torch.float16
     return torch.float32 if len(shape) <= 1 else dtype
 
 
@@ -182,7 +188,7 @@ def _write_resident(path: Path, plan: list[tuple[str, tuple]], chunks: ResidentC
     offset = 0
     sized = []
     for name, shape in plan:
-        tdtype = _resident_dtype(shape, dtype)
+        tdtype = _resident_dtype(shape, dtype, name)
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=tdtype).element_size()
         header[name] = {"dtype": _ST_NAMES[tdtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
@@ -249,15 +255,23 @@ def check_destination(dst: Path, force: bool) -> None:
 def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[tuple[str, tuple]],
                     resident_chunks: ResidentChunks, layer_chunks: LayerChunks,
                     tokenizer: TokenizerSpec, source: dict, extra: dict | None = None,
-                    progress: bool = True, desc: str = "convert") -> FlashModelDir:
+                    progress: bool = True, desc: str = "convert",
+                    resident_dtype: str | None = None) -> FlashModelDir:
     """Write a model directory in the flash layout under a temporary name, renamed when complete.
 
     `resident` lists the resident tensors (HF names, shapes) in file order; `resident_chunks` and
     `layer_chunks` give their bytes piece by piece, so at most one piece is in memory at a time.
-    `extra` adds fields to the manifest (e.g. "synthetic").
+    `extra` adds fields to the manifest (e.g. "synthetic"). A quantized `dtype` (int8/int4) stores
+    the bundles in blocks (format/quantized.py) and resident matrices at `resident_dtype` (default
+    float16); `resident` must then list the down scales (down_scales_name) too.
     """
     dst = Path(dst)
-    torch_dtype = DTYPES[dtype]
+    if quantized.is_quantized(dtype):
+        resident_dtype = resident_dtype or "float16"
+    elif resident_dtype not in (None, dtype):
+        raise LLMFlashError(f"a {dtype} model keeps its resident tensors at {dtype} (resident dtype is an "
+                            "option of int8/int4 models)")
+    torch_dtype = DTYPES[resident_dtype or dtype]
     bundle = bundle_layout_for(config, dtype)
     remove_stale(dst.parent, f".{dst.name}.")  # left by a killed conversion (format/tempfiles.py)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
@@ -266,8 +280,8 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        total = sum(int(np.prod(shape)) * torch.empty((), dtype=_resident_dtype(shape, torch_dtype))
-                    .element_size() for _, shape in resident)
+        total = sum(int(np.prod(shape)) * torch.empty((), dtype=_resident_dtype(shape, torch_dtype, name))
+                    .element_size() for name, shape in resident)
         total += config.num_layers * config.intermediate_size * bundle.nbytes
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
         files: dict[str, dict] = {}
@@ -285,6 +299,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
             "created_by": f"llmflash {__version__}",
             "source": source,
             "dtype": dtype,
+            **({"resident_dtype": resident_dtype} if quantized.is_quantized(dtype) else {}),
             "config": config.to_dict(),
             "files": files,
             "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "bundle": bundle.to_dict(),
@@ -325,12 +340,72 @@ def _layer_bundles(source: ModelSource, config: ModelConfig, layer: int, names: 
     return torch.cat(parts, dim=1).contiguous()
 
 
+class _Quantizer:
+    """A layer's bundles and down scales in a block format (format/quantized.py), from any source.
+
+    A GGUF tensor already in the target block format (Q8_0 for int8, Q4_0 for int4) is copied block
+    for block; any other is dequantized and requantized, counted per source type in `requantized`
+    (said on stderr once per type and recorded in the manifest)."""
+
+    def __init__(self, source: ModelSource, config: ModelConfig, names: dict[str, str], kind: str):
+        self.source, self.config, self.names, self.kind = source, config, names, kind
+        self.requantized: dict[str, set[str]] = {}  # source type -> tensors requantized
+        self.kept: set[str] = set()  # tensors copied block for block
+
+    def _type(self, name: str) -> str | None:
+        typ = getattr(self.source, "tensor_type", None)
+        return None if typ is None else typ(name)
+
+    def blocks(self, hf_name: str) -> np.ndarray:
+        """uint8 [rows, row bytes]: the tensor's rows in the target block format."""
+        name = self.names[hf_name]
+        typ = self._type(name)
+        if typ == quantized.GGUF_TYPE[self.kind] and hasattr(self.source, "read_blocks"):
+            self.kept.add(name)
+            return self.source.read_blocks(name)
+        if typ is not None and typ not in ("F32", "F16", "BF16"):
+            if typ not in self.requantized:
+                print(f"llmflash: note: {self.source.path}: {typ} tensors are requantized to {self.kind} "
+                      f"({quantized.GGUF_TYPE[self.kind]}), which rounds their weights a second time",
+                      file=sys.stderr)
+            self.requantized.setdefault(typ, set()).add(name)
+        return quantized.quantize_rows(self.source.read_tensor(name).float().numpy(), self.kind)
+
+    def down(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(float16 scales [hidden, n/32], signed codes [n, hidden]) of the layer's down projection."""
+        name = ffn_tensor_names(self.config, layer)["down"]
+        raw = self.blocks(name)
+        return quantized.down_split(raw, self.kind, self.config.intermediate_size)
+
+    def layer(self, layer: int) -> np.ndarray:
+        """uint8 [neurons, bundle bytes] in the layout's part order."""
+        parts = ffn_tensor_names(self.config, layer)
+        n = self.config.intermediate_size
+        biases = [self.source.read_tensor(self.names[parts[b]]).float().numpy()
+                  for b in ("gate_bias", "up_bias") if b in parts]
+        gate = self.blocks(parts["gate"]) if "gate" in parts else None
+        up = self.blocks(parts["up"])
+        for part, t in (("gate", gate), ("up", up)):
+            if t is not None and t.shape[0] != n:
+                raise LLMFlashError(f"layer {layer} {part} tensor has {t.shape[0]} neurons, config says {n} "
+                                    f"({self.source.path})")
+        _, codes = self.down(layer)
+        return quantized.bundle_bytes_np(gate, up, codes, biases, self.kind)
+
+
 def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: bool = False,
-            progress: bool = True) -> FlashModelDir:
-    """Convert a Hugging Face directory or GGUF file at SRC into the flash layout at DST."""
-    if dtype not in DTYPES:
-        raise LLMFlashError(f"unsupported storage dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+            progress: bool = True, resident_dtype: str | None = None) -> FlashModelDir:
+    """Convert a Hugging Face directory or GGUF file at SRC into the flash layout at DST.
+
+    dtype: float16, bfloat16, float32, or the block formats int8 / int4 (format/quantized.py), or
+    "auto": a GGUF whose FFN tensors are quantized goes to the nearest block format (Q8_0, Q5_*,
+    Q6_K -> int8; Q4_0, Q4_1, Q4_K, Q2_K, Q3_K -> int4), anything else to float16.
+    resident_dtype: for int8/int4, the dtype of the resident matrices (default float16)."""
+    if dtype != "auto" and dtype not in DTYPES and not quantized.is_quantized(dtype):
+        raise LLMFlashError(f"unsupported storage dtype {dtype!r}; choose one of "
+                            f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
+    if resident_dtype is not None and resident_dtype not in DTYPES:
+        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of {sorted(DTYPES)}")
     dst = Path(dst)
     check_destination(dst, force)
     source = open_source(Path(src))
@@ -349,20 +424,59 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
             f"{len(missing)} tensors missing in {source.path}, e.g. {missing[:3]}; the checkpoint is "
             "incomplete or not a supported architecture"
         )
+    if dtype == "auto":
+        dtype = _auto_dtype(source, config, names)
+    plan = [(n, tuple(source.tensor_shape(names[n]))) for n in resident]
+    extra: dict = {}
+    if quantized.is_quantized(dtype):
+        bundle_layout_for(config, dtype)  # refuses sizes that are not whole blocks, before writing
+        q = _Quantizer(source, config, names, dtype)
+        plan += [(down_scales_name(i), (config.hidden_size, config.intermediate_size // quantized.BLOCK))
+                 for i in range(config.num_layers)]
+        layer_chunks = lambda layer: [q.layer(layer)]  # noqa: E731
+        extra["quantization"] = {"format": quantized.GGUF_TYPE[dtype], "block": quantized.BLOCK,
+                                 "kept_tensors": 0, "requantized": {}}
+    else:
+        q = None
+        torch_dtype = DTYPES[dtype]
+        layer_chunks = lambda layer: [_layer_bundles(source, config, layer, names, torch_dtype)]  # noqa: E731
 
     def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
+        if q is not None and name.startswith("ffn.layers."):
+            scales, _ = q.down(int(name.split(".")[2]))
+            yield np.ascontiguousarray(scales)
+            return
         t = source.read_tensor(names[name])
         if tuple(t.shape) != shape:
             raise LLMFlashError(f"tensor {names[name]} in {source.path} has shape {tuple(t.shape)}, "
                                 f"header says {shape}")
         yield _tensor_bytes(t.to(tdtype))
 
+    def chunks(layer: int):
+        out = layer_chunks(layer)
+        if q is not None:  # the counts are final once the last layer is written (manifest is last)
+            extra["quantization"].update(kept_tensors=len(q.kept),
+                                         requantized={t: len(v) for t, v in sorted(q.requantized.items())})
+        return out
+
     return write_model_dir(
-        dst, config, dtype, [(n, tuple(source.tensor_shape(names[n]))) for n in resident],
-        resident_chunks, lambda layer: [_layer_bundles(source, config, layer, names, torch_dtype)],
-        source.tokenizer(),
+        dst, config, dtype, plan, resident_chunks, chunks, source.tokenizer(),
         {"path": str(Path(src).resolve()), "kind": "gguf" if Path(src).is_file() else "hf"},
-        progress=progress, desc=f"convert {Path(src).name}")
+        extra=extra, progress=progress, desc=f"convert {Path(src).name}", resident_dtype=resident_dtype)
+
+
+def _auto_dtype(source: ModelSource, config: ModelConfig, names: dict[str, str]) -> str:
+    """The block format nearest the FFN tensors' own (GGUF), else float16; int8 if they disagree."""
+    typ = getattr(source, "tensor_type", None)
+    if typ is None:
+        return "float16"
+    from llmflash.conversion.gguf_source import NEAREST_KIND
+
+    kinds = {NEAREST_KIND.get(typ(names[n])) for i in range(config.num_layers)
+             for p, n in ffn_tensor_names(config, i).items() if p in ("gate", "up", "down")}
+    if None in kinds:
+        return "float16"
+    return "int4" if kinds == {"int4"} else "int8"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -24,6 +24,7 @@ from llmflash.models.config import ModelConfig
 from llmflash.errors import LLMFlashError
 from llmflash.format import schema
 from llmflash.format.integrity import LayerVerifier
+from llmflash.format import quantized
 
 FORMAT_NAME = "llmflash"
 FORMAT_VERSION = 2  # 2: manifest_sha256 and per-bundle checks (ffn.checks); version 1 is still read
@@ -38,6 +39,15 @@ HASH_CHUNK = 8 << 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 NUMPY_VIEW = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+# Storage dtypes of the weights: the float ones above and the block formats of format/quantized.py
+STORAGE_DTYPES = (*DTYPES, *quantized.KINDS)
+# Held dtype meaning "FFN rows as stored, block-quantized bytes" (runtime.engine.weight_dtype)
+QUANTIZED_ROWS = torch.uint8
+
+
+def down_scales_name(layer: int) -> str:
+    """Resident tensor holding a quantized model's down-projection block scales for `layer`."""
+    return f"ffn.layers.{layer}.down_scales"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -83,11 +93,18 @@ class BundleLayout:
         return sum(p.length for p in self.parts)
 
     @property
+    def quantized(self) -> bool:
+        return quantized.is_quantized(self.dtype)
+
+    @property
     def itemsize(self) -> int:
         return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
 
     @property
     def nbytes(self) -> int:
+        """Stored bytes of one bundle (quantized parts: format/quantized.py's byte layout)."""
+        if self.quantized:
+            return sum(quantized.part_bytes(self.dtype, p.name, p.length) for p in self.parts)
         return self.elements * self.itemsize
 
     def part(self, name: str) -> BundlePart | None:
@@ -112,6 +129,9 @@ class BundleLayout:
 def bundle_layout_for(config: ModelConfig, dtype: str) -> BundleLayout:
     """Weights first (gate row, up row, down column), then the per-neuron biases."""
     d = config.hidden_size
+    if quantized.is_quantized(dtype):
+        quantized.check_width(d, "hidden_size")
+        quantized.check_width(config.intermediate_size, "intermediate_size")
     names = ["gate", "up", "down"] if config.gated else ["up", "down"]
     parts, offset = [], 0
     for name in names:
@@ -191,6 +211,9 @@ class FlashModelDir:
         ]
         self._check_files_present()
         self.layer_verifier = LayerVerifier(self)
+        self._down_scales: list[torch.Tensor] | None = None
+        self.codec = (quantized.BundleCodec(self.bundle, self.config.hidden_size)
+                      if self.bundle.quantized else None)
 
     # -- files ---------------------------------------------------------------------------------
     @property
@@ -309,8 +332,45 @@ class FlashModelDir:
         return out
 
     # -- FFN bundles ---------------------------------------------------------------------------
-    def bundles_from_bytes(self, raw: np.ndarray) -> torch.Tensor:
-        """View raw bundle bytes [n, bundle_bytes] as a [n, elements] tensor of the stored dtype."""
+    @property
+    def quantized(self) -> bool:
+        """Bundles stored block-quantized (int8 / int4, format/quantized.py)."""
+        return self.bundle.quantized
+
+    def set_down_scales(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take a quantized model's down-projection scales out of the resident tensors just loaded
+        (runtime.engine.load_weights), as float32 [hidden, intermediate / 32] per layer."""
+        c = self.config
+        shape = (c.hidden_size, c.intermediate_size // quantized.BLOCK)
+        scales = []
+        for i in range(c.num_layers):
+            t = weights.pop(down_scales_name(i), None)
+            if t is None or tuple(t.shape) != shape:
+                raise LLMFlashError(f"{self.resident_path}: tensor {down_scales_name(i)} "
+                                    f"{'missing' if t is None else f'has shape {list(t.shape)}'}, a {self.dtype} "
+                                    f"model needs {list(shape)}")
+            scales.append(t.to(torch.float32))
+        self._down_scales = scales
+
+    def down_scales(self, layer: int) -> torch.Tensor:
+        """float32 [hidden, intermediate / 32]: the block scales of layer's down projection."""
+        if self._down_scales is None:  # offline tools without an engine: read (and check) once
+            self.set_down_scales(self.load_resident(None))
+        return self._down_scales[layer]
+
+    def dequantize_rows(self, raw: torch.Tensor | np.ndarray, layer: int, neurons) -> torch.Tensor:
+        """Quantized bundle rows (uint8 [n, bundle bytes]) of `neurons` -> float32 [n, elements]."""
+        raw = torch.as_tensor(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+        ids = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
+        return self.codec.dequantize(raw.reshape(len(ids), -1), ids, self.down_scales(layer))
+
+    def bundles_from_bytes(self, raw: np.ndarray, layer: int | None = None, neurons=None) -> torch.Tensor:
+        """View raw bundle bytes [n, bundle_bytes] as a [n, elements] tensor of the stored dtype.
+
+        Quantized bundles are dequantized to float32 instead, which needs the layer and the neuron
+        ids of the rows (the down columns' scales are per neuron group)."""
+        if self.quantized:
+            return self.dequantize_rows(raw, layer, neurons)
         flat = np.ascontiguousarray(raw).reshape(-1)
         t = torch.from_numpy(flat.view(NUMPY_VIEW[self.bundle.dtype]))
         if self.bundle.dtype == "bfloat16":
@@ -318,7 +378,21 @@ class FlashModelDir:
         return t.reshape(-1, self.bundle.elements)
 
     def read_layer_bundles(self, layer: int, verify: bool = True) -> torch.Tensor:
-        """A whole layer's bundles in slot order, [neurons, elements], read with buffered I/O."""
+        """A whole layer's bundles in slot order, [neurons, elements], read with buffered I/O
+        (a quantized model's dequantized to float32: what offline tools and instruments want)."""
+        raw = self.read_layer_raw(layer, verify)
+        if self.quantized:
+            return self.dequantize_rows(raw, layer, self.layers[layer].permutation())
+        return self.bundles_from_bytes(raw)
+
+    def layer_rows(self, layer: int, dtype: torch.dtype) -> torch.Tensor:
+        """A whole layer's rows held at `dtype`: QUANTIZED_ROWS keeps a quantized model's bytes."""
+        if dtype == QUANTIZED_ROWS and self.quantized:
+            return torch.from_numpy(self.read_layer_raw(layer))
+        return self.read_layer_bundles(layer).to(dtype)
+
+    def read_layer_raw(self, layer: int, verify: bool = True) -> np.ndarray:
+        """A whole layer's bundle bytes in slot order, uint8 [neurons, bundle bytes]."""
         region = self.layers[layer]
         raw = np.empty(region.nbytes, dtype=np.uint8)
         with open(self.ffn_path, "rb") as f:
@@ -328,7 +402,7 @@ class FlashModelDir:
             raise LLMFlashError(f"truncated file {self.ffn_path}: layer {layer} is cut short")
         if verify:
             self.layer_verifier.check(layer, raw)
-        return self.bundles_from_bytes(raw.reshape(region.neurons, self.bundle.nbytes))
+        return raw.reshape(region.neurons, self.bundle.nbytes)
 
     def weights_nbytes(self) -> dict[str, int]:
         """Bytes of the stored weights: resident part and FFN bundles (without padding)."""

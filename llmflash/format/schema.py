@@ -34,7 +34,7 @@ from llmflash.errors import LLMFlashError
 
 CHECKSUM_FIELD = "manifest_sha256"
 READABLE_VERSIONS = (1, 2)
-SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")  # int: format/quantized.py
 BUNDLE_CHECK_ALGORITHMS = ("xxh3_64",)
 
 # Bounds far above any real model, far below what would exhaust memory when allocated.
@@ -370,6 +370,10 @@ def validate_manifest(manifest: dict, root: Path, where: str) -> dict:
         c.num(manifest["conversion_seconds"], "conversion_seconds", 0.0)
     if "source" in manifest:
         c.dict(manifest["source"], "source")
+    if manifest.get("resident_dtype") is not None:  # int8/int4 models: resident matrices' dtype
+        c.str(manifest["resident_dtype"], "resident_dtype", ("float16", "bfloat16", "float32"))
+    if manifest.get("quantization") is not None:  # int8/int4 models: what was kept, what requantized
+        c.dict(manifest["quantization"], "quantization")
     if manifest.get("synthetic") is not None:  # tools/synth.py: random weights, said once at load
         c.dict(manifest["synthetic"], "synthetic")
     config = validate_config(manifest["config"], where)
