@@ -21,7 +21,7 @@ from llmflash.runtime.sampling import check_sampling, sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
 from llmflash.models.base import FFNProvider, KVCache
-from llmflash.format.layout import DTYPES, FlashModelDir
+from llmflash.format.layout import DTYPES, QUANTIZED_ROWS, FlashModelDir
 from llmflash.runtime.tokenizer import Tokenizer
 
 
@@ -126,8 +126,10 @@ def dense_ffn(model_dir: FlashModelDir, dtype: torch.dtype) -> DenseFFN:
     """Every FFN layer read from the bundle file into DRAM (checksums checked on the way)."""
     ffn = DenseFFN([], model_dir.bundle, model_dir.config.hidden_act, model_dir.config.act_threshold,
                    activations=ACTIVATIONS)
+    if dtype == QUANTIZED_ROWS:  # int8/int4 held as stored: torch's int4 kernel (runtime/quant_ffn.py)
+        ffn.quantized(model_dir)
     for i in range(model_dir.config.num_layers):  # packed as read: no second copy of the FFN
-        ffn.append(model_dir.read_layer_bundles(i).to(dtype))
+        ffn.append(model_dir.layer_rows(i, dtype))
     return ffn
 
 
@@ -136,15 +138,22 @@ ACTIVATIONS = torch.float32
 
 
 def weight_dtype(model_dir: FlashModelDir, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype weights are held at: as stored (None), or the one asked for."""
-    return DTYPES[model_dir.dtype] if dtype is None else dtype
+    """The dtype weights are held at: as stored (None), or the one asked for. An int8/int4 model
+    held as stored is QUANTIZED_ROWS: FFN rows stay block-quantized bytes, resident matrices stay
+    at the dtype they were stored in (manifest `resident_dtype`)."""
+    if dtype is None:
+        return QUANTIZED_ROWS if model_dir.quantized else DTYPES[model_dir.dtype]
+    return dtype
 
 
 def load_weights(model_dir: FlashModelDir, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Resident tensors: matrices at `dtype`, vectors (norms, biases) as stored (float32)."""
+    """Resident tensors: matrices at `dtype` (QUANTIZED_ROWS: as stored), vectors (norms, biases)
+    as stored (float32). A quantized model's down scales go to model_dir (down_scales)."""
     weights = model_dir.load_resident(None)
+    if model_dir.quantized:
+        model_dir.set_down_scales(weights)
     for name, t in weights.items():
-        if t.dim() >= 2 and t.dtype != dtype:
+        if t.dim() >= 2 and t.dtype != dtype and dtype != QUANTIZED_ROWS:
             weights[name] = t.to(dtype)
     return weights
 

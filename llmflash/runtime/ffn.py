@@ -7,6 +7,7 @@ passes a whole layer; sparse and flash modes pass the rows of the neurons they s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,8 +97,23 @@ class DenseFFN(FFNProvider):
             self.append(layers[i])
             layers[i] = None  # type: ignore[call-overload]
 
+    def quantized(self, model_dir) -> None:
+        """Layers will come as quantized bundle bytes (uint8 rows in slot order) of this model:
+        each is held in torch's packed int4 layout (runtime/quant_ffn.py), in neuron order."""
+        self.model_dir = model_dir
+
     def append(self, rows: torch.Tensor) -> None:
         """Add the next layer's bundle rows (packed when held below the activations' precision)."""
+        if rows.dtype == torch.uint8:  # int8/int4 bundles (QUANTIZED_ROWS)
+            from llmflash.runtime.quant_ffn import QuantDenseLayer
+
+            if self.packed is None:
+                self.packed = []
+            d, layer = self.model_dir, len(self.packed)
+            slot_of = torch.from_numpy(np.argsort(d.layers[layer].permutation()))
+            self.packed.append(QuantDenseLayer(rows.index_select(0, slot_of), d.codec, d.down_scales(layer),
+                                               self.act, self.threshold))
+            return
         if rows.dtype != self.activations:
             if self.packed is None:
                 self.packed = []
@@ -121,6 +137,8 @@ class DenseFFN(FFNProvider):
         return (self._layers or []) if self.packed is None else _Rebuilt(self)
 
     def _rebuild(self, layer: int) -> torch.Tensor:
+        if not isinstance(self.packed[layer], tuple):  # quantized: the dequantized rows, slot order
+            return self.model_dir.read_layer_bundles(layer)
         gu, bias, down_blocks = self.packed[layer]
         down_t = torch.cat(down_blocks, 1)
         s, n = self.slices, down_t.shape[1]
@@ -141,6 +159,8 @@ class DenseFFN(FFNProvider):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return ffn_from_rows(x, self._layers[layer], self.slices, self.act, self.threshold)
+        if not isinstance(self.packed[layer], tuple):
+            return self.packed[layer](x)
         gu, bias, down_blocks = self.packed[layer]
         y = linear(x, gu, bias)
         if self.slices.gate is not None:

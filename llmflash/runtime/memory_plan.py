@@ -41,6 +41,7 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     matrices at the weights' dtype, vectors (norms, biases) as stored."""
     from safetensors import safe_open
 
+    as_stored = dtype == torch.uint8  # QUANTIZED_ROWS: an int8/int4 model's matrices as stored
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
     with safe_open(str(model_dir.resident_path), framework="pt") as f:
@@ -51,8 +52,18 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
             for s in shape:
                 n *= s
             stored = {"F16": 2, "BF16": 2, "F32": 4}.get(piece.get_dtype(), 4)
-            total += n * (item if len(shape) >= 2 else stored)
+            total += n * (item if len(shape) >= 2 and not as_stored and not name.startswith("ffn.")
+                          else stored)
     return total
+
+
+def row_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
+    """DRAM bytes of one cached neuron: an int8/int4 model's bundle as stored (its rows stay
+    quantized in the flash family whatever the held dtype: an int4 row is ~0.27x a float16 one, so
+    the same budget caches ~3.7x the neurons), else its elements at the held dtype."""
+    if model_dir.quantized:
+        return model_dir.bundle.nbytes
+    return model_dir.bundle.elements * torch.empty((), dtype=dtype).element_size()
 
 
 DEFAULT_CONTEXT = 512  # tokens of one sequence (prompt + generated) a run holds, unless told
@@ -147,7 +158,7 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
     context = resolve_context(cfg, context)
     kv = KVCache.bytes_for(cfg, context, KV_DTYPE)
     need = resident + extra_resident_bytes + kv
-    row_bytes = model_dir.bundle.elements * torch.empty((), dtype=dtype).element_size()
+    row_bytes = row_bytes_at(model_dir, dtype)
     if budget_bytes < need + row_bytes * cfg.num_layers:
         raise LLMFlashError(
             f"memory budget {budget} ({budget_bytes / 2**20:.1f} MiB) cannot hold the resident part "

@@ -62,6 +62,12 @@ class RunOptions:
             parse_predictor_cost(self.predictor_cost)
 
 
+def selector_dtype(model_dir: FlashModelDir, dtype: torch.dtype) -> torch.dtype:
+    """What a selector's weight copies (exact, magnitude) are held at: the held dtype, or float16
+    for an int8/int4 model held quantized (their copies are float rows, charged at that size)."""
+    return torch.float16 if dtype == torch.uint8 else dtype
+
+
 def ffn_factory(options: RunOptions):
     """A factory(model_dir, dtype) -> FFN provider for Engine, per the options.
 
@@ -87,7 +93,8 @@ def ffn_factory(options: RunOptions):
         if sparsity == "none":
             raise LLMFlashError("flash mode reads only selected neurons: choose a selector (predictor, exact, "
                                 "magnitude, trace:PATH), or mode naive/hybrid to read every neuron")
-        selector = make_selector(model_dir, sparsity, dtype, options.density, predictor_dtype=PREDICTOR_DTYPE)
+        selector = make_selector(model_dir, sparsity, selector_dtype(model_dir, dtype), options.density,
+                                 predictor_dtype=PREDICTOR_DTYPE)
         if options.predictor_cost:
             from llmflash.runtime.trace_selector import PredictorCost, random_predictors
 

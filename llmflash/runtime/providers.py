@@ -25,6 +25,7 @@ import torch
 
 from llmflash.runtime.neuron_cache import NeuronCache
 from llmflash.runtime.ffn import BundleSlices, ffn_from_rows
+from llmflash.runtime.quant_ffn import quant_rows_ffn
 from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
 from llmflash.runtime.reader import FlashFile, FlashReader, aligned_empty
@@ -88,13 +89,28 @@ class _FlashBacked(_Logged):
         self.file = FlashFile(model_dir.ffn_path)
         self.reader = reader or FlashReader()
         self.bundle_bytes = model_dir.bundle.nbytes
+        # int8/int4 models: rows stay quantized in DRAM whatever the held dtype of the resident part
+        # (the same budget caches 2-4x the neurons; memory_plan.row_bytes_at charges them so)
+        self.quant = model_dir.quantized
+        self.row_dtype = torch.uint8 if self.quant else dtype
+        self.row_width = self.bundle_bytes if self.quant else model_dir.bundle.elements
         self.log = TokenLog()
         # per-bundle digests checked on every scattered read (format/integrity.py)
         self.checks = BundleChecks.load(model_dir)
         self.verify_s, self.verified_bundles = 0.0, 0
 
     def _as_rows(self, raw: np.ndarray) -> torch.Tensor:
+        if self.quant:  # int8/int4: rows are the bundles' bytes, dequantized per token (quant_ffn)
+            return torch.from_numpy(np.ascontiguousarray(raw).reshape(-1, self.bundle_bytes))
         return self.dir.bundles_from_bytes(raw)
+
+    def _ffn(self, layer: int, x: torch.Tensor, rows: torch.Tensor, neurons) -> torch.Tensor:
+        """FFN over bundle rows of `neurons` (their ids: quantized rows' down scales are per id)."""
+        if self.quant:
+            return quant_rows_ffn(x, rows, torch.as_tensor(np.asarray(neurons, dtype=np.int64)),
+                                  self.dir.codec, self.dir.down_scales(layer), self.slices, self.act,
+                                  self.threshold)
+        return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
 
     def _read(self, fn, *args) -> np.ndarray:
         before = self.reader.stats.snapshot()
@@ -124,7 +140,7 @@ class _FlashBacked(_Logged):
         if self.dir.layer_verifier.needed(layer):  # once per layer and process (integrity.py)
             self.dir.layer_verifier.check(layer, raw[: region.nbytes])
         rows = self._as_rows(raw[: region.nbytes].reshape(region.neurons, self.bundle_bytes))
-        return rows.to(self.dtype)
+        return rows if self.quant else rows.to(self.dtype)
 
     def close(self) -> None:
         self.reader.close()
@@ -146,16 +162,16 @@ class FlashFFN(_FlashBacked):
         self.slot_of = [np.argsort(r.permutation()) for r in model_dir.layers]
         self.pinned = [self._pinned(layer, pin) for layer in range(model_dir.config.num_layers)]
         self.caches = [
-            NeuronCache(n, plan.capacity(layer), model_dir.bundle.elements, window, dtype,
+            NeuronCache(n, plan.capacity(layer), self.row_width, window, self.row_dtype,
                         pinned=self.pinned[layer], reuse_holes=True)
             for layer in range(model_dir.config.num_layers)
         ]
         # Selected neurons that do not fit a layer's cache even with the window shrunk to one
         # token are read into these rows wave by wave, computed and forgotten (charged to the plan).
-        self.scratch = torch.empty(plan.scratch_rows, model_dir.bundle.elements, dtype=dtype)
+        self.scratch = torch.empty(plan.scratch_rows, self.row_width, dtype=self.row_dtype)
         # When weights are held as stored (the default), reads land in the scratch rows directly
         # (viewed as bytes, which works for bfloat16 too, which numpy lacks).
-        direct = str(dtype) == f"torch.{model_dir.bundle.dtype}"
+        direct = self.quant or str(dtype) == f"torch.{model_dir.bundle.dtype}"
         self._scratch_bytes = (self.scratch.view(torch.uint8).numpy().reshape(len(self.scratch), -1)
                                if direct else None)
         self.log.start()  # the pinned rows' one-time load, reported apart from the tokens
@@ -193,7 +209,8 @@ class FlashFFN(_FlashBacked):
         ids = self.selector.select(layer, x).ids()
         self.log.add(select_s=time.perf_counter() - t0)
         overflow = self._admit(layer, ids)
-        y = ffn_from_rows(x, self.caches[layer].used_rows(), self.slices, self.act, self.threshold)
+        cache = self.caches[layer]
+        y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
         if len(overflow):
             y += self._stream(layer, x, overflow)
         return y
@@ -213,7 +230,7 @@ class FlashFFN(_FlashBacked):
                 t0 = time.perf_counter()
                 rows.copy_(self._as_rows(raw))
                 self.log.add(mem_s=time.perf_counter() - t0)
-            y += ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
+            y += self._ffn(layer, x, rows, neurons[start : start + len(rows)])
         return y
 
     def _admit(self, layer: int, ids: np.ndarray) -> np.ndarray:
@@ -257,7 +274,7 @@ class FlashFFN(_FlashBacked):
             t0 = time.perf_counter()
             scratch[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
             self.log.add(mem_s=time.perf_counter() - t0)
-            y += ffn_from_rows(x, scratch[:k], self.slices, self.act, self.threshold)
+            y += self._ffn(layer, x, scratch[:k], region.permutation()[start : start + k])
         if sha is not None:
             self.dir.layer_verifier.finish(layer, sha.hexdigest())
         elif check:
@@ -287,7 +304,7 @@ class NaiveFFN(_FlashBacked):
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, reader: FlashReader | None = None,
                  resident_layers: int = 0):
         super().__init__(model_dir, dtype, reader)
-        self.resident = {i: model_dir.read_layer_bundles(i).to(dtype) for i in range(resident_layers)}
+        self.resident = {i: model_dir.layer_rows(i, self.row_dtype) for i in range(resident_layers)}
         largest = max(r.nbytes for r in model_dir.layers)
         self.buffer = aligned_empty(largest + 4096)
 
@@ -295,7 +312,7 @@ class NaiveFFN(_FlashBacked):
         rows = self.resident.get(layer)
         if rows is None:
             rows = self._layer_rows(layer, self.buffer)
-        return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
+        return self._ffn(layer, x, rows, self.dir.layers[layer].permutation())
 
     def summary(self) -> dict:
         return {"resident_ffn_layers": len(self.resident), "direct_io": self.file.direct}
@@ -325,7 +342,9 @@ class MmapFFN(_Logged):
         for region in model_dir.layers:
             arr = raw[region.offset: region.offset + region.nbytes]
             self._raw_layers.append(arr)
-            arr = arr.view(NUMPY_VIEW[model_dir.bundle.dtype]).reshape(region.neurons, -1)
+            if not model_dir.quantized:  # int8/int4: the bytes as they are (quant_ffn)
+                arr = arr.view(NUMPY_VIEW[model_dir.bundle.dtype])
+            arr = arr.reshape(region.neurons, -1)
             self.layers.append(arr)
         self.log = TokenLog()
 
@@ -337,6 +356,10 @@ class MmapFFN(_Logged):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only mapping: we never write
             rows = torch.from_numpy(self.layers[layer])
+        if self.dir.quantized:  # the mapped layer dequantized for this token (as a dequantizing runtime would)
+            return quant_rows_ffn(x, rows, torch.from_numpy(self.dir.layers[layer].permutation()),
+                                  self.dir.codec, self.dir.down_scales(layer), self.slices, self.act,
+                                  self.threshold)
         if self.dir.bundle.dtype == "bfloat16":
             rows = rows.view(torch.bfloat16)
         rows = rows.to(self.dtype)

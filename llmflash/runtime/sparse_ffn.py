@@ -33,7 +33,10 @@ class SparseFFN(FFNProvider):
         c = model_dir.config
         self.act, self.threshold = c.hidden_act, c.act_threshold
         self.slices = BundleSlices(model_dir.bundle)
-        self.layers = [model_dir.read_layer_bundles(i).to(dtype) for i in range(c.num_layers)]
+        # int8/int4 held as stored (uint8 rows): the selected rows are dequantized per call (quant_ffn)
+        self.dir = model_dir
+        self.quant = dtype == torch.uint8 and model_dir.quantized
+        self.layers = [model_dir.layer_rows(i, dtype) for i in range(c.num_layers)]
         # selections are in neuron order; rows are slots: perm maps the first to the second.
         self.perm, self.slot_of = [], []
         self.identity = True
@@ -51,6 +54,9 @@ class SparseFFN(FFNProvider):
     def neuron_weights(self) -> list[LayerWeights]:
         """This provider's rows in neuron order, for a selector to decide from without a copy
         (views when the layout is in neuron order)."""
+        if self.quant:  # the selector decides from float rows (neuron order), not the quantized bytes
+            rows = [self.dir.read_layer_bundles(i)[s] for i, s in enumerate(self.slot_of)]
+            return [LayerWeights(r, self.slices, self.act, self.threshold) for r in rows]
         rows = self.layers if self.identity else [r[s] for r, s in zip(self.layers, self.slot_of)]
         return [LayerWeights(r, self.slices, self.act, self.threshold) for r in rows]
 
@@ -72,13 +78,23 @@ class SparseFFN(FFNProvider):
     def _down(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return matmul_rows(h, rows[:, self.slices.down])  # float32 accumulation for half rows
 
+    def _ffn(self, layer: int, x: torch.Tensor, slots: torch.Tensor | None,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN over the rows at `slots` (None: all), activations masked per input row if given."""
+        rows = self.layers[layer] if slots is None else self.layers[layer].index_select(0, slots)
+        if self.quant:
+            ids = self.perm[layer] if slots is None else self.perm[layer][slots]
+            rows = self.dir.dequantize_rows(rows, layer, ids.numpy())
+        h = ffn_intermediate(x, rows, self.slices, self.act, self.threshold)
+        return self._down(h if mask is None else h * mask, rows)
+
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         rows = self.layers[layer]
         T = x.shape[0]
         self.rows_seen[layer] += T
         if self.selector is None:
             self.selected[layer] += T * rows.shape[0]
-            return self._down(ffn_intermediate(x, rows, self.slices, self.act, self.threshold), rows)
+            return self._ffn(layer, x, None)
         mask = self.selector.select(layer, x).mask
         if self.record is not None:
             self.record(layer, x, mask)
@@ -86,13 +102,9 @@ class SparseFFN(FFNProvider):
             mask = mask[:, self.perm[layer]]
         self.selected[layer] += int(mask.sum())
         if T == 1:
-            idx = torch.nonzero(mask[0]).reshape(-1)
-            sub = rows.index_select(0, idx)
-            return self._down(ffn_intermediate(x, sub, self.slices, self.act, self.threshold), sub)
+            return self._ffn(layer, x, torch.nonzero(mask[0]).reshape(-1))
         union = torch.nonzero(mask.any(0)).reshape(-1)
-        sub = rows.index_select(0, union)
-        h = ffn_intermediate(x, sub, self.slices, self.act, self.threshold) * mask[:, union]
-        return self._down(h, sub)
+        return self._ffn(layer, x, union, mask[:, union])
 
 
 def sparse_ffn_factory(sparsity: str, density: float | None = None) -> Callable[[FlashModelDir, torch.dtype], SparseFFN]:

@@ -1,0 +1,109 @@
+"""FFN products on block-quantized weights (int8 = Q8_0, int4 = Q4_0; format/quantized.py).
+
+Two routes, chosen by measurement (docs/FLASH.md, "Quantized models"):
+
+* **Whole layers (dense mode)**: torch's packed int4 CPU kernel (`_weight_int4pack_mm_for_cpu`,
+  the one int4 weight-only quantization uses), which multiplies straight from 4-bit codes with one
+  scale per group of 32 inputs: a Q4_0 block maps to one group exactly (code q, scale d, zero 0).
+  A Q8_0 code c is split into two nibbles of c + 128 = 16·hi + lo, laid side by side as a matrix
+  twice as wide, [16·d on hi | d on lo, zero 8·d], multiplied by [x | x]: the same d·c, one call.
+  The kernel is fast only at bfloat16 (activations, scales and its output are bfloat16; it
+  accumulates in float32): measured 0.21 ms against 0.60 ms for the float16 kernel at SmolLM2's
+  gate|up (3072 x 576) and 4.1 ms against 22 ms at a 7B down projection; float32 inputs take 8-20x
+  longer than float16. Its results are within ~0.3% of the exact product (bfloat16 rounding).
+* **Any set of rows (flash's cached and streamed rows, sparse runs, naive, mmap)**: the rows the
+  token uses are dequantized exactly (d·q in float32, vectorised over rows, no per-neuron loop) and
+  multiplied in float32: the float32 product of the stored weights. No float copy of a layer.
+
+`--dtype float32` (or float16) instead dequantizes everything at load: the exact reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmflash.format.quantized import BLOCK, BundleCodec, block_codes, unpack_codes
+from llmflash.runtime.ffn import BundleSlices, activate, ffn_from_rows
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class BlockMatrix:
+    """W [N, K] given as block scales (float32 [N, K/32]) and signed codes (int8 [N, K]), held in
+    torch's packed int4 layout; `__call__(x)` = x @ W.T in float32."""
+
+    def __init__(self, scales: torch.Tensor, codes: torch.Tensor, kind: str):
+        n, k = codes.shape
+        s = scales.to(torch.float32)
+        if kind == "int4":
+            u = (codes.to(torch.int32) + 8)
+            sz = torch.stack([s, torch.zeros_like(s)], -1)  # [N, K/32, 2]
+            self.width = k
+        else:
+            u8 = codes.to(torch.int32) + 128
+            u = torch.cat([u8 >> 4, u8 & 15], 1)  # [N, 2K]: hi nibbles, then lo nibbles
+            sz = torch.cat([torch.stack([16 * s, torch.zeros_like(s)], -1),
+                            torch.stack([s, 8 * s], -1)], 1)
+            self.width = 2 * k
+        self.k, self.kind = k, kind
+        self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+        self.sz = sz.transpose(0, 1).to(torch.bfloat16).contiguous()  # [groups, N, 2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.numel() * self.w.element_size() + self.sz.numel() * self.sz.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.reshape(-1, self.k).to(torch.bfloat16)
+        if self.kind == "int8":
+            xb = torch.cat([xb, xb], 1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), self.w, BLOCK, self.sz)
+        return y.to(torch.float32).reshape(*x.shape[:-1], -1)
+
+
+class QuantDenseLayer:
+    """One FFN layer held quantized for dense mode: gate|up as one BlockMatrix [2n, K], down as one
+    [K, n] (blocks along the intermediate axis, as stored in the down scales), biases float32.
+
+    `raw` is the layer's bundles (uint8 [n, bundle bytes]) in neuron order."""
+
+    def __init__(self, raw: torch.Tensor, codec: BundleCodec, down_scales: torch.Tensor,
+                 act: str, threshold: float):
+        k, kind = codec.k, codec.kind
+        self.act, self.threshold = act, threshold
+        self.gated = "gate" in codec.spans
+        parts = [block_codes(raw[:, codec.spans[p]], kind, k) for p in (("gate", "up") if self.gated else ("up",))]
+        self.gu = BlockMatrix(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), kind)
+        down = unpack_codes(raw[:, codec.spans["down"]], kind, k)  # [n, K]
+        self.down = BlockMatrix(down_scales, down.t().contiguous(), kind)  # W [K, n]
+        biases = [codec.bias(raw, b) for b in ("gate_bias", "up_bias") if b in codec.spans]
+        self.bias = torch.cat(biases).to(torch.float32) if biases else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.gu.nbytes + self.down.nbytes + (0 if self.bias is None else self.bias.numel() * 4)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gu(x)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.gated:
+            gate, up = y.chunk(2, dim=-1)
+            h = activate(gate, self.act, self.threshold) * up
+        else:
+            h = activate(y, self.act, self.threshold)
+        return self.down(h)
+
+
+def quant_rows_ffn(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, codec: BundleCodec,
+                   down_scales: torch.Tensor, slices: BundleSlices, act: str,
+                   threshold: float = 0.0) -> torch.Tensor:
+    """FFN over quantized bundle rows `raw` (uint8 [n, bundle bytes]) of neurons `ids`: the rows
+    are dequantized exactly to float32 (only these rows) and multiplied in float32."""
+    if raw.shape[0] == 0:
+        return torch.zeros_like(x)
+    rows = codec.dequantize(raw, ids, down_scales)
+    return ffn_from_rows(x, rows, slices, act, threshold)
