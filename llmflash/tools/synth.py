@@ -47,11 +47,14 @@ from llmflash.models import ModelConfig, config_from_hf
 from llmflash.conversion.source import TokenizerSpec
 from llmflash.conversion.writer import check_destination, write_model_dir
 from llmflash.errors import LLMFlashError
-from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for
+from llmflash.format import quantized
+from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for, down_scales_name
 from llmflash.format.schema import expected_resident_shapes
 from llmflash.models import resident_tensor_names
 
 CHUNK_BYTES = 16 << 20  # rows generated (and held) at a time
+# std of uniformly random codes: int8 any byte (-128..127), int4 any nibble minus 8 (-8..7)
+QUANT_CODE_STD = {"int8": math.sqrt((256 ** 2 - 1) / 12), "int4": math.sqrt((16 ** 2 - 1) / 12)}
 OPT_ACTIVE = 0.033  # share of OPT FFN neurons firing per token (the paper, OPT-6.7B)
 FATRELU_ACTIVE = 0.10  # ProSparse: about 90% of neurons are zero
 
@@ -283,17 +286,27 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
           config_path: Path | None = None, force: bool = False, progress: bool = True,
           tokenizer: TokenizerSpec | None = None) -> FlashModelDir:
     """Write a synthetic model of a preset (or a config.json) at DST in the flash layout."""
-    if dtype not in DTYPES:
-        raise LLMFlashError(f"unsupported --dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if dtype not in DTYPES and not quantized.is_quantized(dtype):
+        raise LLMFlashError(f"unsupported --dtype {dtype!r}; choose one of "
+                            f"{sorted(DTYPES) + list(quantized.KINDS)}")
     dst = Path(dst)
     check_destination(dst, force)
     label, hf = resolve_shape(shape, config_path)
     config = config_from_hf(hf, where=str(config_path) if config_path else f"preset {shape}")
     scales = Scales(config)
-    bits = _Bits(dtype)
+    quant = quantized.is_quantized(dtype)
+    bits = _Bits("float16" if quant else dtype)  # int8/int4: resident matrices at float16
     resident = resident_shapes(config)
 
+    layout = bundle_layout_for(config, dtype)  # refuses int8/int4 sizes that are not whole blocks
+    if quant:
+        resident = resident + [(down_scales_name(i), (config.hidden_size, config.intermediate_size // 32))
+                               for i in range(config.num_layers)]
+
     def resident_chunks(name: str, tshape: tuple, tdtype: torch.dtype):
+        if name.startswith("ffn.layers."):  # int8/int4 down scales: one value, codes are random
+            yield np.full(tshape, scales.down / QUANT_CODE_STD[dtype], dtype=np.float16)
+            return
         kind, value = scales.resident(name, tshape)
         if len(tshape) == 1:
             yield np.full(tshape, value if kind == "const" else 0.0, dtype=np.float32)
@@ -305,8 +318,29 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
             rows = min(step, tshape[0] - start)
             yield bits.shape(bits.raw(rng, rows * cols), value)
 
-    layout = bundle_layout_for(config, dtype)
     parts = [(slice(p.offset, p.offset + p.length), *scales.part(p.name)) for p in layout.parts]
+
+    def quant_layer_chunks(layer: int):
+        """int8/int4 bundles: random codes, one block scale per part giving the part's std, float32
+        biases (the same statistics as the float bundles)."""
+        rng = _stream(seed, f"ffn.{layer}")
+        codec = quantized.BundleCodec(layout, config.hidden_size)
+        n, width = config.intermediate_size, codec.nbytes
+        step = _rows_per_chunk(width)
+        code_std = QUANT_CODE_STD[dtype]
+        for start in range(0, n, step):
+            rows = min(step, n - start)
+            block = rng.bit_generator.random_raw(-(-rows * width // 8)).view(np.uint8)[: rows * width]
+            block = block.reshape(rows, width)
+            for p in layout.parts:
+                kind, value = scales.part(p.name)
+                span = codec.spans[p.name]
+                if p.name in ("gate", "up"):
+                    b = block[:, span].reshape(rows, -1, quantized.BLOCK_BYTES[dtype])
+                    b[..., :2] = np.array([value / code_std], dtype=np.float16).view(np.uint8)
+                elif p.name != "down":  # biases
+                    block[:, span] = np.array([value if kind == "const" else 0.0], dtype=np.float32).view(np.uint8)
+            yield block
 
     def layer_chunks(layer: int):
         rng = _stream(seed, f"ffn.{layer}")
@@ -325,6 +359,7 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
     spec = fit_tokenizer(tokenizer or default_tokenizer(), config.vocab_size)
     extra = {"synthetic": {"preset": label, "seed": seed, "hf_config": hf,
                            "note": "random weights: generated text is meaningless"}}
-    return write_model_dir(dst, config, dtype, resident, resident_chunks, layer_chunks, spec,
+    return write_model_dir(dst, config, dtype, resident, resident_chunks,
+                           quant_layer_chunks if quant else layer_chunks, spec,
                            {"path": f"synthetic:{label}", "kind": "synthetic"}, extra,
                            progress=progress, desc=f"synth {Path(label).name}")
