@@ -159,7 +159,11 @@ def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
 
     from llmflash.format.layout import DTYPES
 
-    held = DTYPES[model_dir.dtype] if dtype == "auto" else DTYPES[dtype]
+    as_stored = dtype == "auto" and model_dir.quantized  # int8/int4: bundles as stored
+    if as_stored:  # resident matrices at the dtype they were stored in
+        held = DTYPES[model_dir.manifest.get("resident_dtype") or "float16"]
+    else:
+        held = DTYPES[model_dir.dtype] if dtype == "auto" else DTYPES[dtype]
     item = {"float16": 2, "bfloat16": 2, "float32": 4}[str(held).replace("torch.", "")]
     total = 0
     with safe_open(str(model_dir.resident_path), framework="pt") as f:
@@ -171,12 +175,13 @@ def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
             n = 1
             for s in shape:
                 n *= s
-            if len(shape) < 2:
+            if len(shape) < 2 or name.startswith("ffn."):  # vectors, int8/int4 down scales: as stored
                 total += n * {"F16": 2, "BF16": 2, "F32": 4}.get(piece.get_dtype(), 4)
                 continue
             one_row = "embed_positions" in name or ("embed_tokens" in name and not tied)
             total += (shape[-1] if one_row else n) * item
-    ffn = sum(r.neurons for r in model_dir.layers) * model_dir.bundle.elements * item
+    row = model_dir.bundle.nbytes if as_stored else model_dir.bundle.elements * item
+    ffn = sum(r.neurons for r in model_dir.layers) * row
     return total + ffn
 
 
