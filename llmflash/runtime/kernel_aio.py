@@ -84,6 +84,25 @@ def kernel_aio_available() -> bool:
         return _probe_result
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class PendingReads:
+    """One batch of reads submitted by :meth:`KernelAIO.submit` and not yet reaped."""
+
+    def __init__(self, n: int, dest: np.ndarray) -> None:
+        self.n = n
+        self.dest = dest  # referenced until reaped: the kernel writes into it
+        self.got = np.zeros(n, dtype=np.int64)
+        self.submitted = self.completed = 0
+        self.limit = 1
+
+    @property
+    def done(self) -> bool:
+        return self.completed >= self.n
+
+
 class KernelAIO:
     """One AIO context with room for ``depth`` reads in flight; not thread-safe (one per reader)."""
 
@@ -101,6 +120,8 @@ class KernelAIO:
         self._iocbs = np.zeros(self.depth, dtype=IOCB_DTYPE)
         self._events = np.zeros(self.depth, dtype=EVENT_DTYPE)
         self._pointers = np.zeros(self.depth, dtype=np.uint64)
+        self._pending: PendingReads | None = None
+        self._zero = _Timespec(0, 0)  # io_getevents that does not wait (poll)
 
     def _grow(self, n: int) -> None:
         if n > self._iocbs.size:
@@ -123,10 +144,31 @@ class KernelAIO:
         an error). ``dest`` must stay alive and unmoved until this returns, and the O_DIRECT
         alignment rules apply to every read.
         """
+        return self.reap(self.submit(fd, dest, offsets, lengths, buffer_offsets, in_flight))
+
+    def submit(
+        self,
+        fd: int,
+        dest: np.ndarray,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        buffer_offsets: np.ndarray,
+        in_flight: int | None = None,
+    ) -> "PendingReads":
+        """Start the reads of :meth:`read` and return at once; :meth:`reap` waits for them.
+
+        Why: the decode step submits the next layer's reads and computes while the kernel runs
+        them (no thread involved). Up to ``in_flight`` reads are submitted now; the rest as earlier
+        ones complete, during :meth:`poll` or :meth:`reap`. One batch per context at a time: its
+        iocbs live in this context's arrays, so a second submit before the reap is refused.
+        ``dest`` is kept referenced by the batch until it is reaped.
+        """
+        if self._pending is not None:
+            raise LLMFlashError("kernel AIO: a batch is still in flight on this context; reap it first")
         n = int(offsets.size)
-        got = np.zeros(n, dtype=np.int64)
+        batch = PendingReads(n, dest)
         if n == 0:
-            return got
+            return batch
         if self._ctx.value == 0:
             raise LLMFlashError("kernel AIO context is closed")
         self._grow(n)
@@ -140,52 +182,84 @@ class KernelAIO:
         iocbs["offset"] = offsets.astype(np.int64)
         pointers = self._pointers[:n]
         pointers[...] = np.uint64(iocbs.ctypes.data) + np.arange(n, dtype=np.uint64) * np.uint64(64)
-        syscall = _syscall()
-        ctx = self._ctx.value
-        limit = self.depth if in_flight is None else max(1, min(int(in_flight), self.depth))
-        submitted = completed = 0
-        while completed < n:
-            room = limit - (submitted - completed)
-            if submitted < n and room > 0:
-                batch = min(room, n - submitted)
-                rc = syscall(
-                    self._nr_submit, ctypes.c_ulong(ctx), ctypes.c_long(batch),
-                    ctypes.c_void_p(pointers.ctypes.data + 8 * submitted),
-                )
-                if rc < 0:
-                    err = ctypes.get_errno()
-                    if err not in (errno.EAGAIN, errno.EINTR):
-                        self._drain(submitted - completed)
-                        raise OSError(err, f"io_submit: {os.strerror(err)}")
-                    rc = 0
-                submitted += rc
-                if rc == batch and submitted < n and limit - (submitted - completed) > 0:
-                    continue
-            pending = submitted - completed
-            if pending == 0:
-                continue
-            rc = self._getevents(pending)
-            if rc < 0:
-                err = -rc
-                if err == errno.EINTR:
-                    continue
-                raise OSError(err, f"io_getevents: {os.strerror(err)}")
-            done = self._events[:rc]
-            res = done["res"]
-            if (res < 0).any():
-                err = int(-res[res < 0][0])
-                self._drain(pending - rc)
-                raise OSError(err, os.strerror(err))
-            got[done["data"].astype(np.int64)] = res
-            completed += rc
-        return got
+        batch.limit = self.depth if in_flight is None else max(1, min(int(in_flight), self.depth))
+        self._pending = batch
+        try:
+            self._submit_more(batch)
+        except BaseException:
+            self._pending = None
+            raise
+        return batch
 
-    def _getevents(self, pending: int) -> int:
-        """Wait for at least one of ``pending`` reads; completions land in ``self._events``.
-        Returns how many completed, or ``-errno``."""
+    def _submit_more(self, batch: "PendingReads") -> None:
+        """Submit as many of the batch's remaining reads as its in-flight limit allows."""
+        while batch.submitted < batch.n:
+            room = batch.limit - (batch.submitted - batch.completed)
+            if room <= 0:
+                return
+            count = min(room, batch.n - batch.submitted)
+            rc = _syscall()(
+                self._nr_submit, ctypes.c_ulong(self._ctx.value), ctypes.c_long(count),
+                ctypes.c_void_p(self._pointers.ctypes.data + 8 * batch.submitted),
+            )
+            if rc < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EINTR):
+                    return  # the queue is full: retried after the next completions
+                self._drain(batch.submitted - batch.completed)
+                self._pending = None
+                raise OSError(err, f"io_submit: {os.strerror(err)}")
+            batch.submitted += rc
+            if rc < count:
+                return
+
+    def _collect(self, batch: "PendingReads", wait: bool) -> None:
+        """Take completions (at least one if ``wait``, else only those already done)."""
+        pending = batch.submitted - batch.completed
+        if pending == 0:
+            return
+        rc = self._getevents(pending, 1 if wait else 0, None if wait else self._zero)
+        if rc < 0:
+            if -rc == errno.EINTR:
+                return
+            self._drain(pending)
+            self._pending = None
+            raise OSError(-rc, f"io_getevents: {os.strerror(-rc)}")
+        done = self._events[:rc]
+        res = done["res"]
+        if (res < 0).any():
+            err = int(-res[res < 0][0])
+            self._drain(pending - rc)
+            self._pending = None
+            raise OSError(err, os.strerror(err))
+        batch.got[done["data"].astype(np.int64)] = res
+        batch.completed += rc
+
+    def poll(self, batch: "PendingReads") -> bool:
+        """Collect what has completed without waiting, submit more; True when all are done."""
+        if batch.done:
+            return True
+        self._collect(batch, wait=False)
+        self._submit_more(batch)
+        if batch.done:
+            self._pending = None
+        return batch.done
+
+    def reap(self, batch: "PendingReads") -> np.ndarray:
+        """Wait until every read of ``batch`` has completed; the bytes each read got."""
+        while not batch.done:
+            self._submit_more(batch)
+            self._collect(batch, wait=True)
+        self._pending = None
+        return batch.got
+
+    def _getevents(self, pending: int, min_nr: int = 1, timeout=None) -> int:
+        """Wait for at least ``min_nr`` of ``pending`` reads (``timeout``: a timespec, None = no
+        limit); completions land in ``self._events``. Returns how many completed, or ``-errno``."""
         rc = _syscall()(
-            self._nr_getevents, ctypes.c_ulong(self._ctx.value), ctypes.c_long(1),
-            ctypes.c_long(min(pending, self._events.size)), ctypes.c_void_p(self._events.ctypes.data), None,
+            self._nr_getevents, ctypes.c_ulong(self._ctx.value), ctypes.c_long(min_nr),
+            ctypes.c_long(min(pending, self._events.size)), ctypes.c_void_p(self._events.ctypes.data),
+            None if timeout is None else ctypes.byref(timeout),
         )
         return rc if rc >= 0 else -ctypes.get_errno()
 
@@ -198,7 +272,12 @@ class KernelAIO:
             pending -= max(rc, 0)
 
     def close(self) -> None:
-        """Destroy the context (idempotent)."""
+        """Destroy the context (idempotent); reads still in flight are waited out first, so none
+        lands in a buffer freed after this."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None and self._ctx.value:
+            self._drain(pending.submitted - pending.completed)
+            self._pending = None
         if self._ctx.value:
             _syscall()(self._nr_destroy, ctypes.c_ulong(self._ctx.value))
             self._ctx = ctypes.c_ulong(0)

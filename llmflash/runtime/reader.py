@@ -259,6 +259,27 @@ class ReadStats:
 
 
 READ_BACKENDS = ("auto", "aio", "threads")
+ASYNC_DEPTH = 512
+"""Reads a background batch may keep in flight at once (a 7B layer's prefetch is ~600-2000 reads;
+more are submitted as earlier ones complete, when the runtime next looks)."""
+
+
+@dataclass
+class PendingRead:
+    """A batch of reads started by :meth:`FlashReader.submit_bundles` / ``submit_range``."""
+
+    batch: object  # kernel_aio.PendingReads
+    plan: ReadPlan
+    file: FlashFile
+    dest: np.ndarray
+    started: float  # perf_counter at submit
+    submit_s: float  # time the submit call itself took (the caller waited for it)
+    model_s: float  # the device profile's time for these reads
+    length: int | None = None  # ranges: the bytes wanted
+    head: int = 0  # ranges: where the wanted bytes start in dest
+    waited_s: float = 0.0  # after wait(): time the caller was blocked, submit included
+    in_flight_s: float = 0.0  # after wait(): submit to completion (upper bound when it finished early)
+    ready: bool = False  # after wait(): every read had completed before wait() was called
 
 
 class FlashReader:
@@ -300,6 +321,7 @@ class FlashReader:
         # Threads are started only when a read needs them (buffered files, or no AIO).
         self._workers: _WorkerGroup | None = None
         self._staging = aligned_empty(0)
+        self._async: KernelAIO | None = None  # background reads (submit_bundles/submit_range)
         self._lock = threading.Lock()
 
     # -- bundles -----------------------------------------------------------------------------
@@ -350,6 +372,101 @@ class FlashReader:
             grown = max(nbytes, 2 * self._staging.size)
             self._staging = aligned_empty(round_up(grown, PAGE_SIZE), PAGE_SIZE)
         return self._staging
+
+    # -- asynchronous reads (the decode pipeline) ---------------------------------------------
+
+    def can_submit(self, file: FlashFile) -> bool:
+        """Whether reads of ``file`` can run in the background: kernel AIO on an O_DIRECT file.
+
+        Elsewhere (buffered files, no AIO) a background read would need a thread competing with
+        torch for the cores, so the runtime reads on demand instead (docs/FLASH.md, "Overlap")."""
+        return self._aio is not None and file.direct
+
+    def _async_context(self) -> KernelAIO:
+        if self._async is None:
+            # a context of its own: its batch stays in flight while on-demand reads use the other
+            self._async = KernelAIO(depth=ASYNC_DEPTH)
+        return self._async
+
+    def submit_bundles(
+        self, file: FlashFile, base_offset: int, bundle_bytes: int, slots: np.ndarray, plan: ReadPlan,
+        staging: np.ndarray,
+    ) -> PendingRead:
+        """Start reading the bundles of ``plan`` (from :func:`plan_reads` for ``slots``) into
+        ``staging`` (page-aligned, at least ``plan.staging_bytes``) and return at once.
+
+        The caller keeps ``staging`` untouched until :meth:`wait`; bundle ``slots[i]`` is then at
+        ``staging[plan.slot_positions[i]:][:bundle_bytes]``."""
+        if not self.can_submit(file):
+            raise LLMFlashError(f"background reads need kernel AIO and O_DIRECT ({file.path})")
+        if staging.size < plan.staging_bytes or not _is_aligned(staging, file.align):
+            raise ValueError("staging buffer too small or not aligned for the plan")
+        _check_bundles_in_file(file, base_offset, bundle_bytes, np.asarray(slots, dtype=np.int64))
+        with self._lock:
+            t0 = time.perf_counter()
+            batch = self._async_context().submit(file.fd, staging, plan.offsets, plan.lengths,
+                                                 plan.buffer_offsets)
+            return PendingRead(batch, plan, file, staging, t0, time.perf_counter() - t0,
+                               self.profile.read_seconds(plan.n_reads, plan.total_bytes))
+
+    def submit_range(self, file: FlashFile, offset: int, length: int, dest: np.ndarray) -> PendingRead:
+        """Start reading ``length`` bytes at ``offset`` into ``dest`` (page-aligned, room for the
+        range widened to 512-byte boundaries: ``length + 1024`` is enough) in ``range_chunk_bytes``
+        pieces; after :meth:`wait` the bytes are ``dest[pending.head : pending.head + length]``."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
+        if offset + length > file.size:
+            raise LLMFlashError(
+                f"range [{offset}, {offset + length}) is beyond the end of {file.path} "
+                f"({file.size} bytes): the file is truncated or the manifest is wrong")
+        start = offset // file.align * file.align
+        span = round_up(offset + length, file.align) - start
+        if not _is_aligned(dest, file.align) or dest.size < span:
+            raise ValueError(f"submit_range needs an aligned buffer of at least {span} bytes")
+        plan = self._range_plan(start, span, length)
+        with self._lock:
+            t0 = time.perf_counter()
+            batch = self._async_context().submit(file.fd, dest, plan.offsets, plan.lengths,
+                                                 plan.buffer_offsets, in_flight=self.range_in_flight)
+            model = self.profile.with_threads(self.range_in_flight).read_seconds(plan.n_reads, plan.total_bytes)
+            return PendingRead(batch, plan, file, dest, t0, time.perf_counter() - t0, model, length,
+                               head=offset - start)
+
+    def progress(self, pending: PendingRead) -> None:
+        """Collect completions of a background batch without waiting and submit more of its
+        reads (a batch larger than ASYNC_DEPTH keeps the device busy between submit and wait)."""
+        with self._lock:
+            self._async_context().poll(pending.batch)
+
+    def wait(self, pending: PendingRead) -> None:
+        """Wait for a submitted batch; fills ``pending.waited_s`` (time blocked here) and
+        ``pending.in_flight_s`` (submit to completion, or to this call where it had finished)."""
+        with self._lock:
+            t0 = time.perf_counter()
+            ready = self._async_context().poll(pending.batch)
+            try:
+                got = self._async_context().reap(pending.batch)
+            except OSError as exc:
+                raise LLMFlashError(f"reading {pending.plan.n_reads} ranges of {pending.file.path} failed: "
+                                    f"{exc.strerror or exc}") from exc
+            t1 = time.perf_counter()
+            plan, file = pending.plan, pending.file
+            short = np.flatnonzero((got < plan.lengths) & (plan.offsets + got < file.size))
+            view = memoryview(pending.dest)
+            for i in short.tolist():  # rare (signals, odd filesystems): not the hot path
+                have, at = int(got[i]), int(plan.buffer_offsets[i]) + int(got[i])
+                got[i] = have + file.pread_into(view[at : at + int(plan.lengths[i]) - have],
+                                                int(plan.offsets[i]) + have)
+            expected = int(np.clip(file.size - plan.offsets, 0, plan.lengths).sum())
+            if int(got.sum()) < expected:
+                raise LLMFlashError(f"short read from {file.path}: got {int(got.sum())} of {expected} bytes; "
+                                    "was the file truncated while open?")
+            pending.waited_s = pending.submit_s + (time.perf_counter() - t0)
+            # finished before this call: it was in flight for at most this long (an upper bound)
+            pending.in_flight_s = (t0 if ready else t1) - pending.started
+            pending.ready = ready
+            wanted = pending.length if pending.length is not None else plan.wanted_bytes
+            self.stats.add(plan.n_reads, plan.total_bytes, wanted, pending.waited_s, pending.model_s)
 
     # -- sequential ranges -------------------------------------------------------------------
 
@@ -464,6 +581,8 @@ class FlashReader:
             self._workers.close()
         if self._aio is not None:
             self._aio.close()
+        if self._async is not None:
+            self._async.close()
 
     def __enter__(self) -> FlashReader:
         return self
@@ -589,8 +708,12 @@ def _gather_unit(bundle_bytes: int, positions: np.ndarray) -> int:
 
 def _gather(staging: np.ndarray, plan: ReadPlan, out: np.ndarray) -> None:
     """Copy every wanted bundle out of staging into ``out`` in one vectorised ``np.take``."""
-    bundle_bytes, positions = plan.bundle_bytes, plan.slot_positions
-    source = staging[: plan.staging_bytes]
+    gather_bundles(staging[: plan.staging_bytes], plan.slot_positions, plan.bundle_bytes, out)
+
+
+def gather_bundles(source: np.ndarray, positions: np.ndarray, bundle_bytes: int, out: np.ndarray) -> None:
+    """``out[i] = source[positions[i] : positions[i] + bundle_bytes]`` for every i, vectorised
+    (the gather of a read plan, and of the bundles a prefetch holds that a layer turns out to need)."""
     unit = _gather_unit(bundle_bytes, positions)
     if unit < 16 or not out[0].flags.c_contiguous:
         # Odd sizes: a block index would outweigh the data; index overlapping row windows instead
