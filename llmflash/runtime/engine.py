@@ -95,6 +95,17 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
                  "rows_used": log.rows_used[1:],
                  "window_shrunk_layers": log.window_shrunk[1:],
                  "streamed_neurons": log.streamed[1:]}
+        if hasattr(ffn, "lookahead_requested"):  # flash: the pipeline (docs/FLASH.md, "Overlap")
+            extra.update({
+                # io_ms is what the step waited for reads; hidden: lookahead reads in flight meanwhile
+                "io_wait_ms": [round(v * 1000, 4) for v in log.io_s[1:]],
+                "io_hidden_ms": [round(v * 1000, 4) for v in log.io_hidden_s[1:]],
+                # share of the bundles a step needed from flash that the lookahead had read
+                "lookahead_recall": [round(h / n, 4) if n else None for h, n in zip(log.la_hits[1:], log.la_needed[1:])],
+                "lookahead_bundles": log.la_fetched[1:],
+                "lookahead_bytes": log.la_bytes[1:],
+                "lookahead_wasted_bytes": [w * ffn.bundle_bytes for w in log.la_wasted[1:]],
+            })
     n = min(len(steps), len(io))
     ms = lambda values: [round(v * 1000, 4) for v in values[1:n]]  # noqa: E731
     out = {
@@ -103,7 +114,9 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
         "select_ms": ms(sel),
         "bytes_per_token": list(nbytes[1:n]), "reads_per_token": list(reads[1:n]),
         "prefill": {"io_ms": round(io[0] * 1000, 3), "mem_ms": round(mem[0] * 1000, 3),
-                    "bytes": nbytes[0], "reads": reads[0]},
+                    "bytes": nbytes[0], "reads": reads[0],
+                    **({"io_hidden_ms": round(log.io_hidden_s[0] * 1000, 3)}
+                       if hasattr(ffn, "lookahead_requested") and log.io_hidden_s else {})},
         "ffn_bytes_read": int(sum(nbytes[:n])), "reads": int(sum(reads[:n])),
     }
     out.update({k: v[: n - 1] for k, v in extra.items()})

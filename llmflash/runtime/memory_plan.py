@@ -66,6 +66,13 @@ def row_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     return model_dir.bundle.elements * torch.empty((), dtype=dtype).element_size()
 
 
+def lookahead_row_bytes(bundle_bytes: int) -> int:
+    """Staging bytes one prefetched bundle may take: the 512-byte sectors covering it at the worst
+    alignment (reads are O_DIRECT; merged neighbours take less, a merged gap is capped by the
+    buffer's size at run time)."""
+    return -(-bundle_bytes // 512) * 512 + 512
+
+
 DEFAULT_CONTEXT = 512  # tokens of one sequence (prompt + generated) a run holds, unless told
 KV_DTYPE = torch.float32  # keys and values are activations (runtime.engine.ACTIVATIONS)
 MIN_SCRATCH_ROWS = 64  # enough reads in flight to amortise the device latency (docs/STORAGE.md §3)
@@ -87,6 +94,10 @@ class MemoryPlan:
     scratch_rows: int = 0  # one buffer shared by all layers for selected neurons over capacity
     kv_bytes: int = 0  # the KV cache for the longest sequence the run allows (its context)
     context: int = 0  # that sequence length in tokens
+    # flash lookahead (docs/FLASH.md, "Overlap"): the staging buffer the next layer's predicted
+    # bundles are read into while this layer computes, charged in full (stored bytes, aligned)
+    lookahead_rows: int = 0
+    lookahead_bytes: int = 0
 
     @property
     def scratch_bytes(self) -> int:
@@ -103,7 +114,7 @@ class MemoryPlan:
     @property
     def planned_bytes(self) -> int:
         return (self.resident_bytes + self.extra_resident_bytes + self.kv_bytes + self.cache_bytes
-                + self.scratch_bytes)
+                + self.scratch_bytes + self.lookahead_bytes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -141,7 +152,8 @@ def _capacities_from_windows(model_dir: FlashModelDir, total_rows: int, window: 
 
 def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
                 extra_resident_bytes: int = 0, window: int | None = None,
-                scratch_share: float = 0.0, context: int | None = None) -> MemoryPlan:
+                scratch_share: float = 0.0, context: int | None = None,
+                lookahead_share: float = 0.0) -> MemoryPlan:
     """Split the budget: resident part first, the rest to neuron caches.
 
     Per-layer cache sizes follow the window statistics `llmflash reorder` records, where present
@@ -150,6 +162,8 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
     through which flash mode streams selected neurons that do not fit a layer's cache. The KV cache
     for `context` tokens (default: runtime.engine.DEFAULT_CONTEXT, at most the model's) is charged
     before the caches; RoPE holds no table (models.base.Rotary computes the positions in use).
+    `lookahead_share` of the rows left (at least MIN_SCRATCH_ROWS, at most an eighth of a layer)
+    sizes the staging buffer of flash mode's lookahead reads, charged at its real size.
     """
     cfg = model_dir.config
     model_bytes = model_weight_bytes(model_dir)
@@ -175,6 +189,15 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
         wanted = min(cfg.intermediate_size // 4, spare_rows * scratch_share)  # a wave, not a layer
         scratch = int(min(cfg.intermediate_size, spare_rows, max(MIN_SCRATCH_ROWS, wanted)))
         free -= scratch * row_bytes
+    lookahead_rows = lookahead_bytes = 0
+    if lookahead_share > 0:
+        spare_rows = free // row_bytes - cfg.num_layers
+        wanted = min(cfg.intermediate_size // 8, spare_rows * lookahead_share)
+        per_row = lookahead_row_bytes(model_dir.bundle.nbytes)
+        lookahead_rows = int(max(0, min(cfg.intermediate_size, max(MIN_SCRATCH_ROWS, wanted),
+                                        (free - row_bytes * cfg.num_layers) // per_row)))
+        lookahead_bytes = lookahead_rows * per_row
+        free -= lookahead_bytes
     capacity = min(cfg.intermediate_size, free // (row_bytes * cfg.num_layers))
     layer_bytes = row_bytes * cfg.intermediate_size
     caps = None
@@ -188,4 +211,5 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
         resident_ffn_layers=int(min(cfg.num_layers, free // layer_bytes)),
         capacities=caps, sized_from=f"window statistics, k={window}" if caps else "uniform",
         scratch_rows=scratch, kv_bytes=kv, context=context,
+        lookahead_rows=lookahead_rows, lookahead_bytes=lookahead_bytes,
     )

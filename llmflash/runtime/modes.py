@@ -25,6 +25,7 @@ from llmflash.runtime.sparse_ffn import sparse_ffn_factory
 MODES = ("dense", "flash", "naive", "hybrid", "mmap")
 PREDICTOR_DTYPE = torch.float16
 SCRATCH_SHARE = 1 / 8  # of the cache rows, for streaming selections that overflow a layer's cache
+LOOKAHEAD_SHARE = 1 / 16  # of the rows left, for the staging buffer of lookahead reads (flash)
 READERS = ("auto", "aio", "threads")
 
 
@@ -42,6 +43,7 @@ class RunOptions:
     reader: str = "auto"  # auto (kernel AIO where allowed) | aio | threads
     context: int | None = None  # longest sequence (prompt + generated) in tokens; its KV cache is charged
     predictor_cost: str | None = None  # flash: run and charge a stand-in predictor (runtime.trace_selector)
+    lookahead: bool = True  # flash: read the next layer's predicted bundles while this one computes
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -102,8 +104,10 @@ def ffn_factory(options: RunOptions):
                                      options.predictor_cost)
         # Every selector's resident bytes are charged to the budget, instruments included.
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=selector.nbytes(),
-                           window=options.window, scratch_share=SCRATCH_SHARE, context=options.context)
-        return providers.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin)
+                           window=options.window, scratch_share=SCRATCH_SHARE, context=options.context,
+                           lookahead_share=LOOKAHEAD_SHARE if options.lookahead else 0.0)
+        return providers.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin,
+                                  lookahead=options.lookahead)
 
     def precheck(model_dir: FlashModelDir, dtype: torch.dtype) -> None:
         """Engine calls this before loading weights: the resident part alone must fit the budget."""

@@ -28,7 +28,9 @@ from llmflash.runtime.ffn import BundleSlices, ffn_from_rows
 from llmflash.runtime.quant_ffn import quant_rows_ffn
 from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
-from llmflash.runtime.reader import FlashFile, FlashReader, aligned_empty
+from llmflash.runtime.read_planner import plan_reads
+from llmflash.runtime.reader import (PAGE_SIZE, FlashFile, FlashReader, PendingRead, aligned_empty,
+                                     gather_bundles)
 from llmflash.format.integrity import BundleChecks
 from llmflash.format.layout import NUMPY_VIEW, FlashModelDir
 from llmflash.models.base import FFNProvider
@@ -52,6 +54,14 @@ class TokenLog:
     rows_used: list[int] = field(default_factory=list)
     window_shrunk: list[int] = field(default_factory=list)  # layers whose window shrank
     streamed: list[int] = field(default_factory=list)  # selected neurons over capacity, not cached
+    # the pipeline (docs/FLASH.md, "Overlap"): io_s above is the time the step waited for reads;
+    # io_hidden_s the time lookahead reads were in flight while the step computed instead
+    io_hidden_s: list[float] = field(default_factory=list)
+    la_needed: list[int] = field(default_factory=list)  # bundles a step needed from flash (lookahead layers)
+    la_hits: list[int] = field(default_factory=list)  # of those, already read by the lookahead
+    la_fetched: list[int] = field(default_factory=list)  # bundles the lookahead read
+    la_wasted: list[int] = field(default_factory=list)  # ... that the exact selection did not use
+    la_bytes: list[int] = field(default_factory=list)  # bytes the lookahead read (alignment included)
 
     def start(self) -> None:
         for values in self.__dict__.values():
@@ -60,6 +70,21 @@ class TokenLog:
     def add(self, **kw: float) -> None:
         for key, value in kw.items():
             getattr(self, key)[-1] += value
+
+
+@dataclass
+class _Prefetch:
+    """One layer's lookahead batch: the neurons read (ascending) and which of them were used."""
+
+    layer: int
+    neurons: np.ndarray
+    pending: PendingRead
+    used: np.ndarray = None  # bool per neuron
+    reaped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.used is None:
+            self.used = np.zeros(len(self.neurons), dtype=bool)
 
 
 class _Logged(FFNProvider):
@@ -98,6 +123,7 @@ class _FlashBacked(_Logged):
         # per-bundle digests checked on every scattered read (format/integrity.py)
         self.checks = BundleChecks.load(model_dir)
         self.verify_s, self.verified_bundles = 0.0, 0
+        self._sync_io_s = self._sync_model_s = 0.0  # on-demand reads so far (FlashFFN._hidden)
 
     def _as_rows(self, raw: np.ndarray) -> torch.Tensor:
         if self.quant:  # int8/int4: rows are the bundles' bytes, dequantized per token (quant_ffn)
@@ -117,9 +143,12 @@ class _FlashBacked(_Logged):
         t0 = time.perf_counter()
         out = fn(self.file, *args)
         after = self.reader.stats
-        self.log.add(io_s=time.perf_counter() - t0, bytes=after.bytes - before.bytes,
+        took = time.perf_counter() - t0
+        self.log.add(io_s=took, bytes=after.bytes - before.bytes,
                      reads=after.reads - before.reads,
                      io_model_s=after.model_seconds - before.model_seconds)
+        self._sync_io_s += took
+        self._sync_model_s += after.model_seconds - before.model_seconds
         return out
 
     def _bundles(self, layer: int, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -152,11 +181,20 @@ class FlashFFN(_FlashBacked):
 
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, selector: NeuronSelector,
                  plan: MemoryPlan, window: int, reader: FlashReader | None = None,
-                 pin: float = 0.0):
+                 pin: float = 0.0, lookahead: bool = False):
         super().__init__(model_dir, dtype, reader)
         self.selector = selector
         self.plan = plan
         self.window = window
+        # The pipeline (docs/FLASH.md, "Overlap"): layer l+1's predicted bundles are read into a
+        # staging buffer (charged by the plan) while layer l computes, by kernel AIO, no thread.
+        # Where reads cannot run in the background (no AIO, buffered file) it stays off.
+        self.lookahead = bool(lookahead and plan.lookahead_bytes > 0 and self.reader.can_submit(self.file))
+        self.lookahead_requested = bool(lookahead)
+        self._la_staging = aligned_empty(plan.lookahead_bytes, PAGE_SIZE) if self.lookahead else None
+        self._prefetch: _Prefetch | None = None
+        self._chunk: tuple[tuple[int, int, int], PendingRead] | None = None  # prompt chunk in flight
+        self._chunk_buf: np.ndarray | None = None
         n = model_dir.config.intermediate_size
         # neuron id -> slot on flash (identity unless the layout reordered neurons)
         self.slot_of = [np.argsort(r.permutation()) for r in model_dir.layers]
@@ -182,6 +220,7 @@ class FlashFFN(_FlashBacked):
         self.log = TokenLog()
 
     def begin_pass(self, tokens: int) -> None:
+        self._drop_pending()  # left by a pass that raised: waited out, never used
         super().begin_pass(tokens)
         self.selector.begin_pass(tokens)
 
@@ -209,29 +248,158 @@ class FlashFFN(_FlashBacked):
         ids = self.selector.select(layer, x).ids()
         self.log.add(select_s=time.perf_counter() - t0)
         overflow = self._admit(layer, ids)
+        streamed = None
+        if len(overflow):
+            # the first wave of the overflow (usually all of it) is fetched before the next
+            # layer's lookahead reads start, so they do not queue in front of it
+            streamed = self._stream_wave(layer, np.sort(overflow), 0)
+        self._release(layer)
+        if self.lookahead and layer + 1 < len(self.caches):
+            self._start_lookahead(layer + 1, x)
         cache = self.caches[layer]
         y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
         if len(overflow):
-            y += self._stream(layer, x, overflow)
+            y += self._stream(layer, x, np.sort(overflow), streamed)
+        if self._prefetch is not None and not self._prefetch.reaped:
+            t0 = time.perf_counter()
+            self.reader.progress(self._prefetch.pending)  # more of a large batch in flight
+            self.log.add(io_s=time.perf_counter() - t0)
         return y
 
-    def _stream(self, layer: int, x: torch.Tensor, neurons: np.ndarray) -> torch.Tensor:
-        """FFN over neurons that fit no cache row: read through the scratch rows, not kept."""
+    def _stream_wave(self, layer: int, neurons: np.ndarray, start: int) -> torch.Tensor:
+        """Wave `start` of the overflow `neurons` (sorted) read into the scratch rows."""
+        part = neurons[start : start + len(self.scratch)]
+        rows = self.scratch[: len(part)]
+        direct = None if self._scratch_bytes is None else self._scratch_bytes[: len(part)]
+        raw = self._fetch(layer, part, direct)
+        if direct is None:
+            t0 = time.perf_counter()
+            rows.copy_(self._as_rows(raw))
+            self.log.add(mem_s=time.perf_counter() - t0)
+        return rows
+
+    def _stream(self, layer: int, x: torch.Tensor, neurons: np.ndarray,
+                first: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN over neurons that fit no cache row (sorted): read through the scratch rows, not
+        kept, wave after wave (`first`: wave 0 already read)."""
         if len(self.scratch) == 0:
             raise LLMFlashError("flash: a layer's selection exceeds its cache and the plan has no scratch rows")
-        neurons = np.sort(neurons)
         y = torch.zeros_like(x)
         for start in range(0, len(neurons), len(self.scratch)):
-            part = neurons[start : start + len(self.scratch)]
-            rows = self.scratch[: len(part)]
-            direct = None if self._scratch_bytes is None else self._scratch_bytes[: len(part)]
-            raw = self._bundles(layer, self.slot_of[layer][part], direct)
-            if direct is None:
-                t0 = time.perf_counter()
-                rows.copy_(self._as_rows(raw))
-                self.log.add(mem_s=time.perf_counter() - t0)
+            rows = first if start == 0 and first is not None else self._stream_wave(layer, neurons, start)
             y += self._ffn(layer, x, rows, neurons[start : start + len(rows)])
         return y
+
+    # -- the pipeline: lookahead reads -------------------------------------------------------
+
+    def _start_lookahead(self, layer: int, x: torch.Tensor) -> None:
+        """Start reading what `layer` will probably need (guessed from the previous layer's FFN
+        input `x`) that its cache does not hold, strongest first, as much as the charged staging
+        buffer takes. Nothing read here is computed unless `layer`'s own selection asks for it."""
+        t0 = time.perf_counter()
+        guess = self.selector.lookahead(layer, x)
+        t1 = time.perf_counter()
+        self.log.add(select_s=t1 - t0)
+        guess = guess[self.caches[layer].neuron_row[guess] < 0][: self.plan.lookahead_rows]
+        if len(guess) == 0:
+            return
+        staging = self._la_staging
+        offset = self.dir.layers[layer].offset
+        while True:
+            neurons = np.sort(guess)
+            slots = self.slot_of[layer][neurons]
+            plan = plan_reads(slots, self.bundle_bytes, offset, self.reader.profile, self.file.align,
+                              self.reader.max_read_bytes)
+            if plan.staging_bytes <= staging.size:
+                break
+            # merged gaps made it larger than the buffer: keep fewer, strongest first
+            guess = guess[: int(len(guess) * staging.size / plan.staging_bytes * 0.9)]
+            if len(guess) == 0:
+                return
+        pending = self.reader.submit_bundles(self.file, offset, self.bundle_bytes, slots, plan, staging)
+        self._prefetch = _Prefetch(layer, neurons, pending)
+        self.log.add(io_s=pending.submit_s, la_fetched=len(neurons), la_bytes=plan.total_bytes,
+                     bytes=plan.total_bytes, reads=plan.n_reads, io_model_s=pending.model_s)
+
+    def _reap(self, pf: "_Prefetch") -> None:
+        """Wait for a lookahead batch (once); what the step waited and what stayed hidden."""
+        if pf.reaped:
+            return
+        p = pf.pending
+        self.reader.wait(p)
+        pf.reaped = True
+        waited = p.waited_s - p.submit_s  # the submit was logged when it happened
+        self.log.add(io_s=waited, io_hidden_s=self._hidden(p, waited))
+
+    def _hidden(self, p: PendingRead, waited: float) -> float:
+        """I/O of a background batch that overlapped compute (an estimate: completions carry no
+        time). What the batch would have cost read on demand, at the device profile's time for
+        its reads scaled by how this run's on-demand reads compared with the profile, less what
+        the step still waited for it, within the time it had before it was needed."""
+        slowdown = max(1.0, self._sync_io_s / self._sync_model_s) if self._sync_model_s > 0 else 1.0
+        had = p.in_flight_s if p.ready else max(0.0, p.in_flight_s - waited)
+        return min(had, max(0.0, p.model_s * slowdown - waited))
+
+    def _release(self, layer: int) -> None:
+        """The layer has taken what it needed from its lookahead batch: count the rest as
+        wasted and free the staging buffer for the next layer's batch."""
+        pf = self._prefetch
+        if pf is None or pf.layer != layer:
+            return
+        self._reap(pf)
+        self.log.add(la_wasted=int(len(pf.neurons) - pf.used.sum()))
+        self._prefetch = None
+
+    def _drop_pending(self) -> None:
+        """Wait out batches nobody will use (a pass that raised): the kernel must not write into
+        a buffer that is reused or freed."""
+        if self._prefetch is not None:
+            if not self._prefetch.reaped:
+                self.reader.wait(self._prefetch.pending)
+            self._prefetch = None
+        if self._chunk is not None:
+            self.reader.wait(self._chunk[1])
+            self._chunk = None
+
+    def _fetch(self, layer: int, neurons: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The bundles of `neurons` of `layer` (uint8 rows, in that order, into `out` if given):
+        from the layer's lookahead batch where it read them, the rest read now; all checked."""
+        pf = self._prefetch if self._prefetch is not None and self._prefetch.layer == layer else None
+        if pf is None:
+            if self.lookahead and layer > 0:
+                self.log.add(la_needed=len(neurons))
+            return self._bundles(layer, self.slot_of[layer][neurons], out)
+        self._reap(pf)
+        n = len(neurons)
+        out = np.empty((n, self.bundle_bytes), dtype=np.uint8) if out is None else out
+        at = np.minimum(np.searchsorted(pf.neurons, neurons), len(pf.neurons) - 1)
+        hit = pf.neurons[at] == neurons
+        hits = int(hit.sum())
+        self.log.add(la_needed=n, la_hits=hits)
+        slots = self.slot_of[layer][neurons]
+        if hits:
+            pf.used[at[hit]] = True
+            t0 = time.perf_counter()
+            plan = pf.pending.plan
+            source = pf.pending.dest[: plan.staging_bytes]
+            positions = plan.slot_positions[at[hit]]
+            if hits == n:
+                gather_bundles(source, positions, self.bundle_bytes, out)
+            else:
+                part = np.empty((hits, self.bundle_bytes), dtype=np.uint8)
+                gather_bundles(source, positions, self.bundle_bytes, part)
+                out[hit] = part
+            self.log.add(mem_s=time.perf_counter() - t0)
+        if hits < n:
+            miss = ~hit
+            out[miss] = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
+                                   self.bundle_bytes, slots[miss])
+        if self.checks is not None:
+            t0 = time.perf_counter()
+            self.checks.verify(layer, slots, out)
+            self.verify_s += time.perf_counter() - t0
+            self.verified_bundles += n
+        return out
 
     def _admit(self, layer: int, ids: np.ndarray) -> np.ndarray:
         """Bring the selection into the cache; returns the selected neurons that did not fit."""
@@ -240,7 +408,7 @@ class FlashFFN(_FlashBacked):
         plan = cache.step(ids)
         mem = time.perf_counter() - t0
         if len(plan):
-            raw = self._bundles(layer, self.slot_of[layer][plan.neurons])
+            raw = self._fetch(layer, plan.neurons)
             t1 = time.perf_counter()
             cache.fill(plan, self._as_rows(raw))
             mem += time.perf_counter() - t1
@@ -250,14 +418,18 @@ class FlashFFN(_FlashBacked):
         return plan.dropped
 
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window."""
+        """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window.
+
+        With the lookahead on, the next chunk (after a layer's last, the next layer's first) is read
+        in the background while this one computes, into one chunk buffer: a chunk's bytes are
+        copied into the rows before the next read reuses it."""
         cache = self.caches[layer]
         cache.reset()  # pinned rows stay; the rest are scratch for streaming the layer
         scratch = cache.rows[cache.n_pinned:]
         if len(self.scratch) > len(scratch):
             scratch = self.scratch
         region = self.dir.layers[layer]
-        chunk = max(1, min(len(scratch), PREFILL_CHUNK_BYTES // self.bundle_bytes))
+        chunk = self._prompt_chunk(layer)
         y = torch.zeros_like(x)
         # first read of this layer in the process: checked as its chunks arrive, per bundle where the
         # model has digests (5x faster than sha256), else against the layer's sha256 (integrity.py)
@@ -265,8 +437,7 @@ class FlashFFN(_FlashBacked):
         sha = hashlib.sha256() if check and self.checks is None else None
         for start in range(0, region.neurons, chunk):
             k = min(chunk, region.neurons - start)
-            raw = self._read(self.reader.read_range, region.offset + start * self.bundle_bytes,
-                             k * self.bundle_bytes)
+            raw = self._prompt_read(layer, start, k)
             if sha is not None:
                 sha.update(raw[: k * self.bundle_bytes])
             elif check:
@@ -274,6 +445,11 @@ class FlashFFN(_FlashBacked):
             t0 = time.perf_counter()
             scratch[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
             self.log.add(mem_s=time.perf_counter() - t0)
+            if self.lookahead:  # the bytes are in the rows: the buffer takes the next chunk
+                if start + k < region.neurons:
+                    self._submit_chunk(layer, start + k)
+                elif layer + 1 < len(self.caches):
+                    self._submit_chunk(layer + 1, 0)
             y += self._ffn(layer, x, scratch[:k], region.permutation()[start : start + k])
         if sha is not None:
             self.dir.layer_verifier.finish(layer, sha.hexdigest())
@@ -286,14 +462,57 @@ class FlashFFN(_FlashBacked):
         self._admit(layer, ids)
         return y
 
+    def _prompt_chunk(self, layer: int) -> int:
+        """Bundles per prompt chunk of `layer`: what its rows (or the scratch rows) hold, <= 4 MiB."""
+        cache = self.caches[layer]
+        rows = max(len(cache.rows) - cache.n_pinned, len(self.scratch))
+        return max(1, min(rows, PREFILL_CHUNK_BYTES // self.bundle_bytes))
+
+    def _submit_chunk(self, layer: int, start: int) -> None:
+        """Start reading the prompt chunk of `layer` from bundle `start` into the chunk buffer."""
+        region = self.dir.layers[layer]
+        k = min(self._prompt_chunk(layer), region.neurons - start)
+        if self._chunk_buf is None:
+            self._chunk_buf = aligned_empty(max(PREFILL_CHUNK_BYTES, self.bundle_bytes) + 2 * PAGE_SIZE, PAGE_SIZE)
+        pending = self.reader.submit_range(self.file, region.offset + start * self.bundle_bytes,
+                                           k * self.bundle_bytes, self._chunk_buf)
+        self._chunk = ((layer, start, k), pending)
+        self.log.add(io_s=pending.submit_s, bytes=pending.plan.total_bytes, reads=pending.plan.n_reads,
+                     io_model_s=pending.model_s)
+
+    def _prompt_read(self, layer: int, start: int, k: int) -> np.ndarray:
+        """A prompt chunk's bytes: the chunk read in the background if it is this one, else now."""
+        if self._chunk is not None:
+            key, pending = self._chunk
+            self._chunk = None
+            self.reader.wait(pending)
+            waited = pending.waited_s - pending.submit_s
+            self.log.add(io_s=waited, io_hidden_s=self._hidden(pending, waited))
+            if key == (layer, start, k):
+                return pending.dest[pending.head : pending.head + k * self.bundle_bytes]
+        return self._read(self.reader.read_range, self.dir.layers[layer].offset + start * self.bundle_bytes,
+                          k * self.bundle_bytes)
+
     def summary(self) -> dict:
         return {**self.selector.summary(),
                 "window": self.window, "memory_plan": self.plan.to_dict(),
                 "pinned_per_layer": [0 if p is None else len(p) for p in self.pinned],
                 "pinned_load": self.pinned_load,
                 "direct_io": self.file.direct,
+                "lookahead": self._lookahead_summary(),
                 "verify": {"bundles": self.verified_bundles, "ms": round(self.verify_s * 1000, 3),
                            "algorithm": None if self.checks is None else "xxh3_64"}}
+
+    def _lookahead_summary(self) -> dict:
+        """Whether the pipeline ran, and if asked for but off, why."""
+        why = None
+        if self.lookahead_requested and not self.lookahead:
+            why = ("the plan left no staging buffer" if self.plan.lookahead_bytes <= 0 else
+                   "reads cannot run in the background here (needs kernel AIO and O_DIRECT)")
+        return {"on": self.lookahead, "requested": self.lookahead_requested, "off_because": why,
+                "staging_rows": self.plan.lookahead_rows if self.lookahead else 0,
+                "guess": getattr(self.selector, "lookahead_kind", "the layer's selector on the previous "
+                                 "layer's FFN input")}
 
 
 class NaiveFFN(_FlashBacked):

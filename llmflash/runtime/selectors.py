@@ -62,6 +62,14 @@ class NeuronSelector:
     def select(self, layer: int, x: torch.Tensor) -> Selection:
         raise NotImplementedError
 
+    def lookahead(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """A guess at `layer`'s selection from an earlier input (flash mode passes layer l-1's FFN
+        input), strongest first: what the runtime starts reading before `layer` needs it. Only
+        a prefetch: the neurons `layer` computes come from `select` on its own input, so a wrong
+        guess costs reads, never results. By default the layer's own selector applied to the earlier
+        input (measured on the relufied SmolLM2 with quant predictors: docs/FLASH.md, "Overlap")."""
+        return self.select(layer, x).ids()
+
     def nbytes(self) -> int:
         return 0
 

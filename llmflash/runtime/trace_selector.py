@@ -10,6 +10,9 @@ FFN is computed over the cached rows within the budget. Order among the selected
 only when a set does not fit a layer's cache): most frequent in the trace first, so the neurons a
 cache can reuse most are the ones it keeps. The packed trace is held in DRAM and charged.
 
+Lookahead (flash mode's prefetch of layer l+1 during layer l): the trace's next-layer set degraded
+to a stated recall and over-selection, synthetic and labelled so (`TraceSelector.lookahead`).
+
 PredictorCost wraps any selector and, before it selects, runs a predictor of a given size on the
 real FFN input (`lowrank:R`: d -> R -> N with a sigmoid, the paper's kind; `quant:BITS`: BITS-bit
 copies of the gate (fc1) rows, and of the up rows for SiLU models, through the same kernels as
@@ -29,8 +32,22 @@ from llmflash.format.trace_file import Trace
 from llmflash.runtime.selectors import NeuronSelector, Selection
 
 
+# What a replayed run's lookahead pretends to achieve (TraceSelector.lookahead): the relufied
+# SmolLM2's layer l+1 quant predictor applied to layer l's FFN input recalled 0.84 of the selection
+# while selecting 1.36x as many neurons (docs/FLASH.md, "Overlap").
+LOOKAHEAD_RECALL = 0.84
+LOOKAHEAD_RATIO = 1.36
+# Share of those wrong guesses that were neurons of the recent window (already cached, never read),
+# measured on the same model by experiments/lookahead_stats.py; the rest are drawn at random.
+LOOKAHEAD_FP_RECENT = 0.5
+LOOKAHEAD_RECENT_TOKENS = 5
+
+
 class TraceSelector(NeuronSelector):
     name = "trace"
+    lookahead_recall = LOOKAHEAD_RECALL
+    lookahead_ratio = LOOKAHEAD_RATIO
+    lookahead_fp_recent = LOOKAHEAD_FP_RECENT
 
     def __init__(self, trace: Trace, path: str = ""):
         self.trace = trace
@@ -63,12 +80,46 @@ class TraceSelector(NeuronSelector):
         mask = torch.from_numpy(row.astype(bool))[None, :].expand(x.shape[0], -1)
         return Selection(mask, self.strength[layer])
 
+    @property
+    def lookahead_kind(self) -> str:
+        return (f"synthetic: the trace's own next-layer set, {self.lookahead_recall:g} of it kept at random "
+                f"plus others up to {self.lookahead_ratio:g}x its size ({self.lookahead_fp_recent:g} of them "
+                f"from the last {LOOKAHEAD_RECENT_TOKENS} tokens' sets, the rest at random)")
+
+    def lookahead(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        """Synthetic: the trace's own set for `layer` at this token, degraded to the recall and
+        over-selection a real lookahead predictor measured (LOOKAHEAD_RECALL of the set kept at
+        random, plus other neurons up to LOOKAHEAD_RATIO x the set: LOOKAHEAD_FP_RECENT of them from
+        the recent tokens' sets, as a real predictor's wrong guesses were, the rest at random). A replayed run has no
+        predictor whose lookahead could be measured, and the undegraded set would be a perfect
+        guess no predictor makes; `--predictor-cost` charges the predictor's time for it."""
+        row = np.unpackbits(self.trace.bits[layer, self.token], count=self.trace.neurons, bitorder="little")
+        true_ids = np.flatnonzero(row)
+        rng = np.random.default_rng((self.step + 1) * 1_000_003 + layer)
+        keep = true_ids[rng.random(len(true_ids)) < self.lookahead_recall]
+        n_false = int(round((self.lookahead_ratio - self.lookahead_recall) * len(true_ids)))
+        t, recent = self.token, np.zeros(self.trace.neurons, dtype=bool)
+        for back in range(1, min(LOOKAHEAD_RECENT_TOKENS, max(self.step, 0)) + 1):
+            recent |= np.unpackbits(self.trace.bits[layer, (t - back) % self.trace.tokens],
+                                    count=self.trace.neurons, bitorder="little").astype(bool)
+        recent &= row == 0
+        pools = [np.flatnonzero(recent), np.flatnonzero((row == 0) & ~recent)]
+        n_recent = min(int(round(self.lookahead_fp_recent * n_false)), len(pools[0]))
+        false_ids = np.concatenate([rng.choice(pools[0], size=n_recent, replace=False),
+                                    rng.choice(pools[1], size=min(n_false - n_recent, len(pools[1])), replace=False)])
+        ids = np.concatenate([keep, false_ids]).astype(np.int64)
+        order = torch.argsort(self.strength[layer][torch.from_numpy(ids)], descending=True, stable=True)
+        return ids[order.numpy()]
+
     def nbytes(self) -> int:
         return int(self.trace.bits.nbytes) + sum(s.numel() * s.element_size() for s in self.strength)
 
     def summary(self) -> dict:
         return super().summary() | {"trace": self.path, "trace_tokens": self.trace.tokens,
-                                    "trace_wrapped": self.step >= self.trace.tokens}
+                                    "trace_wrapped": self.step >= self.trace.tokens,
+                                    "lookahead_synthetic": {"recall": self.lookahead_recall,
+                                                            "ratio": self.lookahead_ratio,
+                                                            "false_positives_recent": self.lookahead_fp_recent}}
 
 
 PREDICTOR_COSTS = ("lowrank", "quant")
@@ -136,6 +187,15 @@ class PredictorCost(NeuronSelector):
     def select(self, layer: int, x: torch.Tensor) -> Selection:
         self.predictors.logits(layer, x)  # the cost of predicting; the answer comes from `inner`
         return self.inner.select(layer, x)
+
+    @property
+    def lookahead_kind(self) -> str:
+        inner = getattr(self.inner, "lookahead_kind", "the layer's selector on the previous layer's FFN input")
+        return f"{inner}; a {self.spec} predictor run for it (cost charged, output unused)"
+
+    def lookahead(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        self.predictors.logits(layer, x)  # a lookahead predictor's cost, as for select
+        return self.inner.lookahead(layer, x)
 
     def nbytes(self) -> int:
         return self.inner.nbytes() + self.predictors.nbytes()
