@@ -225,7 +225,7 @@ class Model:
 def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: int = 5,
          sparsity: str | None = None, density: float | None = None, dtype: str = "auto",
          threads: int = 32, reader: str = "auto", pin: float = 0.0,
-         predictor_cost: str | None = None, context: int | None = None) -> Model:
+         predictor_cost: str | None = None, context: int | None = None, lookahead: bool = True) -> Model:
     """Load a converted model (a directory written by `convert` or `synth`).
 
     mode: dense (all in DRAM), flash (ours), naive, hybrid, mmap (baselines).
@@ -243,13 +243,15 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
         budget (default 512, at most the model's).
     dtype: what weights are held at in DRAM: auto (as stored: float16, bfloat16 or float32),
         float16, bfloat16 or float32 (converted at load). Activations are float32 in every case.
+    lookahead: flash mode reads the next layer's predicted neurons while this layer computes (a
+        prefetch: the same tokens and logits either way); False reads each layer on demand only.
     """
     if dtype not in COMPUTE_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     context = context or DEFAULT_CONTEXT  # the engine and the memory plan agree on it
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
                          threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost,
-                         context=context)
+                         context=context, lookahead=lookahead)
     engine = Engine(Path(path).expanduser(), dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options),
                     context=context)
     return Model(engine, options)

@@ -77,6 +77,9 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
     g.add_argument("--pin", type=float, default=0.0,
                    help="flash: share of each layer's hottest neurons kept pinned in the cache "
                         "(e.g. 0.03; needs `llmflash reorder`)")
+    g.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                   help="flash: read each layer's neurons only when it needs them (default: the next "
+                        "layer's predicted neurons are read while this layer computes; same results)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="what weights are held at in DRAM: auto (default: as converted), or converted at "
                         "load; activations are float32 in every case")
@@ -98,4 +101,5 @@ def load_options(args: argparse.Namespace) -> dict:
               "or --sparsity magnitude", file=sys.stderr)
     return {"mode": args.mode, "memory": args.memory, "window": args.window, "sparsity": args.sparsity,
             "density": args.density, "dtype": args.dtype, "threads": args.threads, "reader": args.reader,
-            "pin": args.pin, "predictor_cost": args.predictor_cost, "context": args.context}
+            "pin": args.pin, "predictor_cost": args.predictor_cost, "context": args.context,
+            "lookahead": args.lookahead}

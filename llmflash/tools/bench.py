@@ -225,6 +225,7 @@ def summarise(run: dict, max_seconds: float | None = None) -> dict:
         "memory_limit_bytes": run["memory_limit_bytes"],
         "decode_tokens": t["decode_tokens"],
         "token_ids": run["token_ids"],
+        **(_pipeline(s) if "io_hidden_ms" in s else {}),
         **({"memory_plan": s["memory_plan"], "selector": s.get("selector"),
             "verify": s.get("verify"),  # per-bundle checks: bundles, total ms (docs/INTEGRITY.md)
             "rows_used_median": _median(s["rows_used"]),
@@ -232,12 +233,24 @@ def summarise(run: dict, max_seconds: float | None = None) -> dict:
     }
 
 
+def _pipeline(s: dict) -> dict:
+    """Flash's pipeline figures per decode token (medians; recall: mean over tokens that needed
+    reads): time waited on I/O, lookahead I/O hidden behind compute, what the lookahead read."""
+    recalls = [r for r in s["lookahead_recall"] if r is not None]
+    return {"io_wait_ms": _median(s["io_wait_ms"]), "io_hidden_ms": _median(s["io_hidden_ms"]),
+            "io_hidden_ms_p10_p90": _p10_p90(s["io_hidden_ms"]),
+            "lookahead": s.get("lookahead"),
+            "lookahead_recall": sum(recalls) / len(recalls) if recalls else None,
+            "lookahead_bytes_per_token": _median(s["lookahead_bytes"]),
+            "lookahead_wasted_bytes_per_token": _median(s["lookahead_wasted_bytes"])}
+
+
 def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           prompt_tokens: int = 64, sparsity: str = "auto", modes: tuple[str, ...] = MODES_ORDER,
           dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
           threads: int = 32, reader: str = "auto", density: float | None = None,
           max_seconds: float | None = None, predictor_cost: str | None = None, context: int | None = None,
-          progress=print) -> dict:
+          lookahead: bool = True, progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.runtime.engine import load_tokenizer
 
@@ -255,7 +268,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
               "pin": pin, "threads": threads, "reader": reader, "density": density,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
-              "max_seconds": max_seconds, "predictor_cost": predictor_cost, "context": context, "modes": {}}
+              "max_seconds": max_seconds, "predictor_cost": predictor_cost, "context": context,
+              "lookahead": lookahead, "modes": {}}
     bandwidth = result["memory_bandwidth"] = copy_bandwidth()
     for mode in modes:
         progress(f"bench: running {mode} ...")
@@ -268,6 +282,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             extra += ("--density", str(density))
         if mode == "flash" and predictor_cost:
             extra += ("--predictor-cost", predictor_cost)
+        if mode == "flash" and not lookahead:
+            extra += ("--no-lookahead",)
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
                        pin if mode == "flash" else 0.0, extra, max_seconds)
         result["modes"][mode] = summarise(run, max_seconds)
@@ -312,6 +328,21 @@ def table(result: dict) -> str:
             f"{r['compute_ms']:9.1f}{r['bytes_read_per_token'] / 1024:10.0f}{r['reads_per_token']:10.0f}"
             f"{(thr or 0) / 1e6:8.0f}{(model_thr or 0) / 1e6:11.0f}{r['peak_rss_bytes'] / 2**20:9.0f}M")
     lines += [f"* {n}" for n in notes]
+    flash = result["modes"].get("flash", {})
+    if flash.get("io_wait_ms") is not None:
+        la = flash.get("lookahead") or {}
+        if la.get("on"):
+            recall = flash["lookahead_recall"]
+            lines.append(
+                f"flash pipeline (lookahead on): per token waited on I/O {flash['io_wait_ms']:.1f} ms (the io ms "
+                f"column), I/O hidden behind compute {flash['io_hidden_ms']:.1f} ms; lookahead read "
+                f"{flash['lookahead_bytes_per_token'] / 1024:.0f} KiB/token, of which "
+                f"{flash['lookahead_wasted_bytes_per_token'] / 1024:.0f} KiB not used by the exact selection "
+                f"(wasted); recall {'-' if recall is None else f'{recall:.3f}'} of the bundles needed from flash; "
+                f"guess: {la.get('guess')}")
+        else:
+            why = la.get("off_because")
+            lines.append("flash pipeline: lookahead off" + (f" ({why})" if why else " (--no-lookahead)"))
     bw = result.get("memory_bandwidth")
     dense = result["modes"].get("dense", {})
     if bw:
@@ -344,6 +375,11 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(modes, io, label="flash I/O")
     ax.bar(modes, mem, bottom=io, label="memory management")
     ax.bar(modes, comp, bottom=[a + b for a, b in zip(io, mem)], label="compute")
+    # flash's lookahead reads that ran while it computed: inside the compute bar, not added to it
+    hidden = [min(result["modes"][m].get("io_hidden_ms") or 0.0, c) for m, c in zip(modes, comp)]
+    if any(hidden):
+        ax.bar(modes, hidden, bottom=[a + b for a, b in zip(io, mem)], fill=False, hatch="//",
+               edgecolor="black", linewidth=0, label="flash I/O overlapped with compute (hidden)")
     ax.set_ylabel("ms per token (median)")
     ax.set_title(f"latency split, budget {result['memory']}, window {result['window']}")
     ax.legend()
