@@ -57,6 +57,10 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     return total
 
 
+def _held_name(dtype: torch.dtype) -> str:
+    return "as stored" if dtype == torch.uint8 else str(dtype).replace("torch.", "")
+
+
 def row_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     """DRAM bytes of one cached neuron: an int8/int4 model's bundle as stored (its rows stay
     quantized in the flash family whatever the held dtype: an int4 row is ~0.27x a float16 one, so
@@ -177,7 +181,7 @@ def plan_memory(model_dir: FlashModelDir, budget: str, dtype: torch.dtype,
         raise LLMFlashError(
             f"memory budget {budget} ({budget_bytes / 2**20:.1f} MiB) cannot hold the resident part "
             f"of {model_dir.path}: {need / 2**20:.1f} MiB (embeddings, attention, norms"
-            f"{', selector' if extra_resident_bytes else ''} at {str(dtype).replace('torch.', '')}, "
+            f"{', selector' if extra_resident_bytes else ''} at {_held_name(dtype)}, "
             f"KV cache for a context of {context} tokens {kv / 2**20:.1f} MiB) "
             f"plus at least one neuron per layer; give at least "
             f"{(need + row_bytes * cfg.num_layers) / 2**20:.1f} MiB "

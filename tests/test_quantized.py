@@ -1,0 +1,346 @@
+"""int8 / int4 storage (issue 12): the block codec, conversion, GGUF blocks kept exactly, compute.
+
+The reference for the byte layout is llama.cpp's own Python package (gguf.quants); the reference for
+the logits is the same model at float32 (transformers for an HF model, gguf's dequantization for a
+GGUF), and flash mode is compared with dense on the same quantized model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from llmflash.api import convert
+from llmflash.errors import LLMFlashError
+from llmflash.format import quantized as Q
+from llmflash.format.layout import FlashModelDir
+from llmflash.runtime.engine import Engine
+from llmflash.runtime.modes import RunOptions, ffn_factory
+
+GGML = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_0}
+IDS = [1, 5, 9, 33, 70, 100, 7, 12]
+
+
+# ------------------------------------------------------------------ codec
+
+
+@pytest.mark.parametrize("kind", Q.KINDS)
+def test_codec_bytes_equal_ggml_and_round_trip(kind):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    w[2, :32] = 0.0  # an all-zero block: scale 0
+    w[3, 40] = 50.0  # an outlier
+    raw = Q.quantize_rows(w, kind)
+    ref = gguf.quants.quantize(w, GGML[kind])
+    assert raw.shape == (64, Q.row_bytes(kind, 96)) == ref.shape
+    assert np.array_equal(raw, ref)  # the same bytes as llama.cpp writes
+    want = gguf.quants.dequantize(ref, GGML[kind])
+    assert np.array_equal(Q.dequantize_rows_np(raw, kind, 96), want)
+    assert torch.equal(Q.dequantize_blocks(torch.from_numpy(raw), kind, 96), torch.from_numpy(want))
+    # quantizing the dequantized weights again gives the same weights (a stable round trip; an
+    # all-zero block's scale may come back as +0 instead of -0)
+    assert np.array_equal(Q.dequantize_rows_np(Q.quantize_rows(want, kind), kind, 96), want)
+    # down columns: codes and per-32-neuron scales give back the same weights
+    scales, codes = Q.down_blocks(w, kind)
+    assert codes.shape == (96, 64) and scales.shape == (64, 3)
+    back = codes.T.astype(np.float32).reshape(64, 3, 32) * scales.astype(np.float32)[..., None]
+    assert np.array_equal(back.reshape(64, 96), want)
+    packed = Q.pack_codes_np(codes, kind)
+    assert packed.shape == (96, Q.code_bytes(kind, 64))
+    assert torch.equal(Q.unpack_codes(torch.from_numpy(packed), kind, 64), torch.from_numpy(codes))
+
+
+def test_exact_block_layout():
+    """One block each, spelled out byte by byte (docs/FORMAT.md)."""
+    w = np.arange(32, dtype=np.float32) - 16.0  # -16 .. 15: |max| 16 at index 0
+    q8 = Q.quantize_rows(w[None], "int8")[0]
+    d8 = np.float16(16.0 / 127)
+    assert q8[:2].tobytes() == struct.pack("<e", d8)  # little-endian float16 scale first
+    assert q8[2:].view(np.int8)[0] == -127 and q8[2:].view(np.int8)[16] == 0
+    q4 = Q.quantize_rows(w[None], "int4")[0]
+    assert q4[:2].tobytes() == struct.pack("<e", 2.0)  # d = (the weight of largest |w|) / -8 = -16 / -8
+    # byte j: weight j in the low nibble, weight j + 16 in the high nibble; code = round(w / d) + 8
+    assert q4[2] == 0 | (8 << 4)  # weight 0 = -16 -> code 0; weight 16 = 0 -> code 8
+    assert q4[3] == 1 | (9 << 4)  # weight 1 = -15 -> trunc(-7.5 + 8.5) = 1; weight 17 = 1 -> trunc(9.0) = 9
+    codes = np.concatenate([q4[2:] & 15, q4[2:] >> 4]).astype(np.float32)
+    assert np.array_equal((codes - 8) * 2.0, gguf.quants.dequantize(q4[None], GGML["int4"])[0])
+
+
+def test_bundle_layout_bytes():
+    from llmflash.format.layout import bundle_layout_for
+    from llmflash.models.config import ModelConfig
+
+    hidden, n = 64, 160
+    c = ModelConfig(family="llama", model_type="llama", vocab_size=16, hidden_size=hidden,
+                    intermediate_size=n, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16,
+                    max_position_embeddings=32, hidden_act="relu")
+    f16 = bundle_layout_for(c, "float16").nbytes
+    assert bundle_layout_for(c, "int8").nbytes == 2 * (hidden // 32) * 34 + hidden  # 200
+    assert bundle_layout_for(c, "int4").nbytes == 2 * (hidden // 32) * 18 + hidden // 2  # 104
+    assert bundle_layout_for(c, "int4").nbytes / f16 < 0.3
+    import dataclasses
+
+    odd = dataclasses.replace(c, hidden_size=48, head_dim=12)
+    with pytest.raises(LLMFlashError, match="hidden_size is 48, not a multiple of 32"):
+        bundle_layout_for(odd, "int4")
+
+
+# ------------------------------------------------------------------ tiny HF models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for kind in ("llama-relu", "opt"):
+        model = tiny_models.build(kind, root / kind)
+        out[kind] = (root / kind, model)
+        for dt in ("int8", "int4"):
+            convert(root / kind, root / f"{kind}-{dt}", dtype=dt, progress=False)
+    return root, out
+
+
+def _budget(path, dtype, share: float) -> str:
+    """A budget holding the resident part, the KV cache and `share` of the FFN as cached rows (the
+    tiny models are mostly resident, so a percentage of the model says little)."""
+    from llmflash.models.base import KVCache
+    from llmflash.runtime.engine import weight_dtype
+    from llmflash.runtime.memory_plan import KV_DTYPE, resident_bytes_at, resolve_context, row_bytes_at
+
+    d = FlashModelDir(path)
+    held = weight_dtype(d, dtype)
+    c = d.config
+    need = resident_bytes_at(d, held) + KVCache.bytes_for(c, resolve_context(c, None), KV_DTYPE)
+    need += c.num_layers * c.intermediate_size * c.hidden_size * 4  # the exact selector's gate copy
+    return str(need + int(share * c.num_layers * c.intermediate_size * row_bytes_at(d, held)))
+
+
+def _logits(path, mode="dense", dtype=None, sparsity=None, memory="50%", density=None):
+    """Prompt of 4 tokens then 4 single-token steps: the last position's logits of each pass."""
+    if mode == "flash":
+        memory = _budget(path, dtype, float(memory.rstrip("%")) / 100)
+    e = Engine(path, dtype=dtype, ffn=ffn_factory(RunOptions(mode=mode, sparsity=sparsity, memory=memory,
+                                                             density=density)))
+    cache = e.model.new_cache(len(IDS))
+    with torch.inference_mode():
+        out = [e.model.forward(torch.tensor(IDS[:4]), cache)[-1:]]
+        for t in IDS[4:]:
+            out.append(e.model.forward(torch.tensor([t]), cache)[-1:])
+    return torch.cat(out)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["llama-relu", "opt"])
+@pytest.mark.parametrize("dt", ["int8", "int4"])
+def test_flash_equals_dense_on_the_quantized_model(tiny, kind, dt):
+    root, _ = tiny
+    path = root / f"{kind}-{dt}"
+    d = FlashModelDir(path)
+    assert d.dtype == dt and d.manifest["resident_dtype"] == "float16"
+    # exact: both dequantize the stored weights to float32 (flash only the rows in use)
+    dense32 = _logits(path, "dense", torch.float32)
+    flash32 = _logits(path, "flash", torch.float32, "exact", memory="40%")
+    assert _rel(flash32, dense32) < 1e-5
+    # as stored: flash's cached rows stay quantized; the float16 resident part differs only by rounding
+    flash = _logits(path, "flash", None, "exact", memory="40%")
+    assert _rel(flash, dense32) < 3e-3
+    # dense as stored runs torch's int4 kernel (bfloat16 activations): close, not bit-equal
+    dense = _logits(path, "dense")
+    assert _rel(dense, dense32) < 2e-2
+    assert torch.equal(flash.argmax(-1), dense32.argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["llama-relu", "opt"])
+@pytest.mark.parametrize("dt,tol", [("int8", 0.02), ("int4", 0.3)])
+def test_logits_near_transformers(tiny, kind, dt, tol):
+    """4-bit rounding of random hidden-64 weights moves logits visibly; the shape stays."""
+    root, models = tiny
+    _, model = models[kind]
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0]
+    ours = Engine(root / f"{kind}-{dt}", dtype=torch.float32).logits(IDS)
+    assert _rel(ours, ref) < tol
+    assert float(torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min()) > 1 - tol / 5
+
+
+def test_same_budget_caches_more_neurons(tiny, tmp_path):
+    from llmflash.runtime.memory_plan import plan_memory
+
+    root, _ = tiny
+    convert(root / "llama-relu", tmp_path / "f16", dtype="float16", progress=False)
+    f16 = FlashModelDir(tmp_path / "f16")
+    q4 = FlashModelDir(root / "llama-relu-int4")
+    budget = "1MiB"
+    p16 = plan_memory(f16, budget, torch.float16)
+    p4 = plan_memory(q4, budget, torch.uint8)
+    assert p4.row_bytes == q4.bundle.nbytes and p4.row_bytes / p16.row_bytes < 0.3
+    assert p4.capacity_per_layer >= 3 * p16.capacity_per_layer or p4.capacity_per_layer == 160
+
+
+# ------------------------------------------------------------------ GGUF
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path: Path, hf_model, ffn_type, bad_type=None) -> None:
+    """A tiny llama as llama.cpp writes it, FFN tensors in `ffn_type` blocks, the rest float32."""
+    cfg = hf_model.config
+    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta if hasattr(cfg, "rope_theta") else 10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab"] + [f"t{i}" for i in range(cfg.vocab_size - 6)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (cfg.vocab_size - 3))
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        w.add_tensor(b + "attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        w.add_tensor(b + "attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        w.add_tensor(b + "attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        for g, h in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+            t = sd[p + f"mlp.{h}.weight"]
+            typ = bad_type if (bad_type is not None and i == 1 and g == "ffn_up") else ffn_type
+            raw = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q4_0 if typ == gguf.GGMLQuantizationType.IQ4_NL
+                                       else typ)  # IQ4_NL has Q4_0's block size: right byte count
+            w.add_tensor(b + g + ".weight", raw, raw_dtype=typ)
+        w.add_tensor(b + "attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(b + "ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("dt", ["int8", "int4"])
+def test_gguf_blocks_kept_exactly(tiny, tmp_path, dt):
+    root, models = tiny
+    src = tmp_path / f"tiny-{dt}.gguf"
+    _write_gguf(src, models["llama-relu"][1], GGML[dt])
+    ours = convert(src, tmp_path / "q", dtype="auto", resident_dtype="float32", progress=False)
+    ref_dir = convert(src, tmp_path / "f32", dtype="float32", progress=False)  # gguf's dequantization
+    d = FlashModelDir(ours)
+    assert d.dtype == dt
+    assert d.manifest["quantization"]["kept_tensors"] == 6 and d.manifest["quantization"]["requantized"] == {}
+    reader = gguf.GGUFReader(src)
+    t = {x.name: x for x in reader.tensors}
+    for layer in range(2):
+        rows = d.read_layer_bundles(layer)  # float32, dequantized from the stored blocks
+        s = (slice(0, 64), slice(64, 128), slice(128, 192))
+        for part, name in zip(s, ("ffn_gate", "ffn_up", "ffn_down")):
+            x = t[f"blk.{layer}.{name}.weight"]
+            want = gguf.quants.dequantize(x.data, x.tensor_type).reshape(tuple(reversed([int(v) for v in x.shape])))
+            got = rows[:, part].numpy()
+            assert np.array_equal(got.T if name == "ffn_down" else got, want), (layer, name)
+    ref = Engine(ref_dir, dtype=torch.float32).logits(IDS)
+    assert _rel(_logits(ours, "dense", torch.float32), ref[3:]) < 1e-5
+    # SiLU: every neuron selected (magnitude at density 1), through a cache of 60 % of the FFN
+    assert _rel(_logits(ours, "flash", None, "magnitude", memory="60%", density=1.0), ref[3:]) < 1e-3
+    # requantizing another type is said and recorded
+    other = tmp_path / "other.gguf"
+    _write_gguf(other, models["llama-relu"][1], gguf.GGMLQuantizationType.Q8_0 if dt == "int4"
+                else gguf.GGMLQuantizationType.Q4_0)
+    proc = subprocess.run([sys.executable, "-m", "llmflash", "convert", str(other), str(tmp_path / "re"),
+                           "--dtype", dt, "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "requantized to " + dt in proc.stderr
+    assert FlashModelDir(tmp_path / "re").manifest["quantization"]["requantized"]
+
+
+def test_unsupported_gguf_type_is_one_line_exit_2(tiny, tmp_path):
+    root, models = tiny
+    src = tmp_path / "bad.gguf"
+    _write_gguf(src, models["llama-relu"][1], GGML["int4"], bad_type=gguf.GGMLQuantizationType.IQ4_NL)
+    proc = subprocess.run([sys.executable, "-m", "llmflash", "convert", str(src), str(tmp_path / "out"),
+                           "--dtype", "int4"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "IQ4_NL" in lines[0] and "blk.1.ffn_up.weight" in lines[0] and str(src) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ end to end, integrity
+
+
+def test_cli_and_api_end_to_end(tiny, tmp_path):
+    import llmflash
+
+    root, _ = tiny
+    dst = tmp_path / "m"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llmflash", *a], capture_output=True, text=True)  # noqa: E731
+    proc = run("convert", str(root / "llama-relu"), str(dst), "--dtype", "int4", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "int4" in proc.stdout
+    assert run("verify", str(dst)).returncode == 0
+    budget = _budget(dst, None, 0.6)
+    flash = run("generate", str(dst), "--ids", "1,5,9", "--max-new-tokens", "6", "--mode", "flash",
+                "--sparsity", "exact", "--memory", budget, "--json", "--ignore-eos")
+    assert flash.returncode == 0, flash.stderr
+    tokens = json.loads(flash.stdout)["token_ids"]
+    m = llmflash.load(dst, mode="dense", dtype="float32")  # the exact dequantized reference
+    assert m.generate([1, 5, 9], max_new_tokens=6, ignore_eos=True).token_ids == tokens
+    q = llmflash.load(dst, mode="flash", sparsity="exact", memory=budget)
+    assert q.generate([1, 5, 9], max_new_tokens=6, ignore_eos=True).token_ids == tokens
+    # a flipped byte in a bundle: verify names the layer, a flash read refuses it
+    ffn = dst / FlashModelDir(dst).manifest["ffn"]["file"]
+    data = bytearray(ffn.read_bytes())
+    at = FlashModelDir(dst).layers[1].offset + 5
+    data[at] ^= 0xFF
+    ffn.write_bytes(bytes(data))
+    bad = run("verify", str(dst))
+    assert bad.returncode == 1 and "layer 1" in bad.stderr
+    broken = run("generate", str(dst), "--ids", "1,5,9", "--max-new-tokens", "3", "--mode", "flash",
+                 "--sparsity", "exact", "--memory", budget)
+    assert broken.returncode == 2 and "checksum" in broken.stderr.lower()
+
+
+def test_synth_int4_runs(tmp_path):
+    from llmflash.tools.synth import synth
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({
+        "model_type": "opt", "activation_function": "relu", "num_attention_heads": 4,
+        "max_position_embeddings": 64, "vocab_size": 50272, "do_layer_norm_before": True,
+        "hidden_size": 64, "ffn_dim": 256, "num_hidden_layers": 2, "word_embed_proj_dim": 64,
+        "enable_bias": True, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}))
+    outs = {}
+    for dt in ("float16", "int4"):
+        synth(None, tmp_path / dt, dtype=dt, config_path=cfg, progress=False)
+        outs[dt] = Engine(tmp_path / dt, dtype=torch.float32).logits([5, 6, 7])
+    d = FlashModelDir(tmp_path / "int4")
+    assert d.dtype == "int4" and d.bundle.nbytes == 36 + 32 + 4  # OPT: up blocks, down codes, up bias
+    # the same statistics as the float preset (random values differ)
+    assert 0.7 < float(outs["int4"].std() / outs["float16"].std()) < 1.4
+    dense = _logits(tmp_path / "int4", "dense", torch.float32)
+    flash = _logits(tmp_path / "int4", "flash", torch.float32, "exact", memory="95%")
+    assert _rel(flash, dense) < 1e-5
