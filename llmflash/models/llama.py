@@ -116,18 +116,25 @@ class Model(Decoder):
         super().__init__(config, weights, ffn, dtype)
         self.rotary = Rotary(config, max_len, dtype)
 
+    def _rotary_for(self, cache: KVCache) -> Rotary:
+        """The rotation for a sequence (Phi-3's LongRoPE picks a table from the cache's capacity)."""
+        return self.rotary
+
+    def _qk_norm(self, prefix: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head query/key normalisation before the rotation: none here (Qwen3 overrides it)."""
+        return q, k
+
     def _attention(self, layer: int, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         c, p, w = self.config, f"model.layers.{layer}.self_attn.", self.w
         T = x.shape[0]
-        q = linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
-        k = linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
-        v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
-        q = q.view(T, c.num_heads, c.head_dim).transpose(0, 1)
-        k = k.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        v = v.view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        q = self.rotary.apply(q, start)
-        k = self.rotary.apply(k, start)
-        k_all, v_all = cache.append(layer, start, k, v)
+        q = linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias")).view(T, c.num_heads, c.head_dim)
+        k = linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias")).view(T, c.num_kv_heads, c.head_dim)
+        v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias")).view(T, c.num_kv_heads, c.head_dim)
+        q, k = self._qk_norm(p, q, k)
+        rotary = self._rotary_for(cache)
+        q = rotary.apply(q.transpose(0, 1), start)
+        k = rotary.apply(k.transpose(0, 1), start)
+        k_all, v_all = cache.append(layer, start, k, v.transpose(0, 1))
         out = attention(q, k_all, v_all, causal_mask(start, T, c.sliding_window))
         return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
 

@@ -27,7 +27,7 @@ import torch
 
 from llmflash.errors import LLMFlashError
 from llmflash.models import llama, qwen3
-from llmflash.models.base import Decoder, FFNProvider, KVCache, Rotary, attention, causal_mask, linear, rms_norm
+from llmflash.models.base import FFNProvider, KVCache, Rotary
 from llmflash.models.config import ModelConfig, activation, check_rope_scaling, eos_list, rope_scaling, rope_theta
 
 FAMILY = "phi3"
@@ -172,12 +172,12 @@ class LongRotary(Rotary):
         return self.cos, self.sin
 
 
-class Model(Decoder):
-    """Llama's forward; LongRoPE tables picked per sequence from its KV-cache capacity."""
+class Model(llama.Model):
+    """Llama's forward (no biases); LongRoPE tables picked per sequence from its KV-cache capacity."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], ffn: FFNProvider,
                  max_len: int, dtype: torch.dtype = torch.float32):
-        super().__init__(config, weights, ffn, dtype)
+        super().__init__(config, weights, ffn, max_len, dtype)
         s = config.rope_scaling or {}
         if s.get("rope_type") == "longrope":
             self.original = int(s["original_max_position_embeddings"])
@@ -185,30 +185,7 @@ class Model(Decoder):
             self.long = LongRotary(config, max_len, dtype, s["long_factor"])
         else:
             self.original = None
-            self.short = self.long = Rotary(config, max_len, dtype)
+            self.short = self.long = self.rotary
 
-    def _attention(self, layer: int, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        c, p, w = self.config, f"model.layers.{layer}.self_attn.", self.w
-        T = x.shape[0]
-        rotary = self.long if self.original and cache.max_len > self.original else self.short
-        q = linear(x, w[p + "q_proj.weight"]).view(T, c.num_heads, c.head_dim).transpose(0, 1)
-        k = linear(x, w[p + "k_proj.weight"]).view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        v = linear(x, w[p + "v_proj.weight"]).view(T, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        q, k = rotary.apply(q, start), rotary.apply(k, start)
-        k_all, v_all = cache.append(layer, start, k, v)
-        out = attention(q, k_all, v_all, causal_mask(start, T, c.sliding_window))
-        return linear(out, w[p + "o_proj.weight"])
-
-    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        c, w = self.config, self.w
-        start = cache.length
-        self.ffn.begin_pass(ids.shape[0])
-        x = self.embed[ids].to(self.dtype)
-        for layer in range(c.num_layers):
-            p = f"model.layers.{layer}."
-            x = x + self._attention(layer, rms_norm(x, w[p + "input_layernorm.weight"], c.norm_eps), cache, start)
-            x = x + self.ffn(layer, rms_norm(x, w[p + "post_attention_layernorm.weight"], c.norm_eps))
-        cache.length = start + ids.shape[0]
-        if last_only:
-            x = x[-1:]
-        return linear(rms_norm(x, w["model.norm.weight"], c.norm_eps), self.lm_head)
+    def _rotary_for(self, cache: KVCache) -> Rotary:
+        return self.long if self.original and cache.max_len > self.original else self.short

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from llmflash.models import llama
-from llmflash.models.base import KVCache, attention, causal_mask, linear, rms_norm
+from llmflash.models.base import rms_norm
 from llmflash.models.config import ModelConfig, activation, check_rope_scaling, eos_list, rope_scaling, rope_theta
 
 FAMILY = "qwen3"
@@ -18,19 +18,9 @@ MODEL_TYPES = ("qwen3",)
 GGUF_ARCHITECTURES = ("qwen3",)
 
 # llama.cpp tensor-name suffix (after "blk.{i}.") -> transformers suffix (after "model.layers.{i}.").
-GGUF_LAYER_TENSORS: dict[str, str] = {
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+GGUF_LAYER_TENSORS: dict[str, str] = {**llama.GGUF_LAYER_TENSORS,
+                                     "attn_q_norm.weight": "self_attn.q_norm.weight",
+                                     "attn_k_norm.weight": "self_attn.k_norm.weight"}
 GGUF_GLOBAL_TENSORS = dict(llama.GGUF_GLOBAL_TENSORS)
 
 
@@ -120,16 +110,6 @@ def resident_tensor_names(config: ModelConfig) -> list[str]:
 class Model(llama.Model):
     """Llama's forward with per-head RMSNorm on q and k before the rotation."""
 
-    def _attention(self, layer: int, x: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        c, p, w = self.config, f"model.layers.{layer}.self_attn.", self.w
-        T = x.shape[0]
-        q = linear(x, w[p + "q_proj.weight"], w.get(p + "q_proj.bias")).view(T, c.num_heads, c.head_dim)
-        k = linear(x, w[p + "k_proj.weight"], w.get(p + "k_proj.bias")).view(T, c.num_kv_heads, c.head_dim)
-        v = linear(x, w[p + "v_proj.weight"], w.get(p + "v_proj.bias")).view(T, c.num_kv_heads, c.head_dim)
-        q = rms_norm(q, w[p + "q_norm.weight"], c.norm_eps).transpose(0, 1)
-        k = rms_norm(k, w[p + "k_norm.weight"], c.norm_eps).transpose(0, 1)
-        q = self.rotary.apply(q, start)
-        k = self.rotary.apply(k, start)
-        k_all, v_all = cache.append(layer, start, k, v.transpose(0, 1))
-        out = attention(q, k_all, v_all, causal_mask(start, T, c.sliding_window))
-        return linear(out, w[p + "o_proj.weight"], w.get(p + "o_proj.bias"))
+    def _qk_norm(self, prefix: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = self.config.norm_eps
+        return rms_norm(q, self.w[prefix + "q_norm.weight"], eps), rms_norm(k, self.w[prefix + "k_norm.weight"], eps)
