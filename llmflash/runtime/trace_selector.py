@@ -39,7 +39,7 @@ LOOKAHEAD_RECALL = 0.84
 LOOKAHEAD_RATIO = 1.36
 # Share of those wrong guesses that were neurons of the recent window (already cached, never read),
 # measured on the same model by experiments/lookahead_stats.py; the rest are drawn at random.
-LOOKAHEAD_FP_RECENT = 0.5
+LOOKAHEAD_FP_RECENT = 0.07
 LOOKAHEAD_RECENT_TOKENS = 5
 
 
