@@ -20,6 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resident-dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="int8/int4 models: dtype of the resident matrices (embeddings, attention, head; "
                         "default float16)")
+    p.add_argument("--gptq", type=Path, default=None, metavar="TEXT",
+                   help="int8/int4: choose the blocks by GPTQ against the model's activations on this "
+                        "UTF-8 text (calibration) instead of rounding to nearest (llmflash/tools/quantize.py)")
+    p.add_argument("--gptq-tokens", type=int, default=4096, help="calibration tokens for --gptq (default 4096)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -29,10 +33,34 @@ def run(args: argparse.Namespace) -> int:
     from llmflash.conversion.writer import convert
     from llmflash.format.layout import FlashModelDir
 
-    model: FlashModelDir = convert(args.src, args.dst, dtype=args.dtype, force=args.force,
-                                   progress=not args.quiet, resident_dtype=args.resident_dtype)
+    if args.gptq is not None:
+        model = _gptq(args)
+    else:
+        model = convert(args.src, args.dst, dtype=args.dtype, force=args.force,
+                        progress=not args.quiet, resident_dtype=args.resident_dtype)
     sizes = model.weights_nbytes()
     print(f"wrote {model.path}: {model.config.model_type}, {model.config.num_layers} layers, "
           f"resident {sizes['resident'] / 2**20:.1f} MiB, FFN bundles {sizes['ffn'] / 2**20:.1f} MiB "
           f"({model.bundle.nbytes} bytes per neuron, {model.dtype})")
     return 0
+
+
+def _gptq(args: argparse.Namespace):
+    """Convert to a float32 directory beside DST (removed after), then quantize it by GPTQ."""
+    import os
+    import shutil
+
+    from llmflash.conversion.writer import check_destination, convert
+    from llmflash.errors import LLMFlashError
+    from llmflash.tools.quantize import gptq_convert
+
+    if args.dtype not in ("int8", "int4"):
+        raise LLMFlashError(f"--gptq quantizes to int8 or int4, not {args.dtype}: give --dtype int8|int4")
+    check_destination(args.dst, args.force)
+    tmp = args.dst.parent / f".gptq-{args.dst.name}-{os.getpid()}"
+    try:
+        convert(args.src, tmp, dtype="float32", force=True, progress=not args.quiet)
+        return gptq_convert(tmp, args.dst, args.dtype, args.gptq, tokens=args.gptq_tokens, force=args.force,
+                            progress=not args.quiet, resident_dtype=args.resident_dtype)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

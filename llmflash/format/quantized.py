@@ -126,6 +126,14 @@ def pack_codes_np(values: np.ndarray, kind: str) -> np.ndarray:
     return (q[..., :16] | (q[..., 16:] << np.uint8(4))).reshape(n, k // 2)
 
 
+def blocks_np(scales: np.ndarray, values: np.ndarray, kind: str) -> np.ndarray:
+    """float16 scales [n, k/32] and signed codes [n, k] -> block rows uint8 [n, row_bytes]."""
+    n, k = values.shape
+    packed = pack_codes_np(values, kind).reshape(n, k // BLOCK, -1)
+    d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(n, k // BLOCK, 2)
+    return np.ascontiguousarray(np.concatenate([d, packed], axis=2).reshape(n, -1))
+
+
 def dequantize_rows_np(raw: np.ndarray, kind: str, k: int) -> np.ndarray:
     """uint8 blocks [n, row_bytes] -> float32 [n, k] (d * q in float32, as gguf dequantizes)."""
     scales, codes = split_blocks(raw, kind, k)
