@@ -37,6 +37,8 @@ from llmflash.models.base import FFNProvider
 from llmflash.runtime.selectors import NeuronSelector
 
 PREFILL_CHUNK_BYTES = 4 << 20  # bundles streamed per read while processing a prompt
+LOOKAHEAD_OVER = 1.5  # a layer's lookahead reads at most this x the bundles it has been needing
+LOOKAHEAD_EMA = 0.3  # weight of the latest token in that running figure
 
 
 @dataclass
@@ -124,6 +126,7 @@ class _FlashBacked(_Logged):
         self.checks = BundleChecks.load(model_dir)
         self.verify_s, self.verified_bundles = 0.0, 0
         self._sync_io_s = self._sync_model_s = 0.0  # on-demand reads so far (FlashFFN._hidden)
+        self._la_need: list[float | None] = [None] * model_dir.config.num_layers  # bundles/token read, EMA
 
     def _as_rows(self, raw: np.ndarray) -> torch.Tensor:
         if self.quant:  # int8/int4: rows are the bundles' bytes, dequantized per token (quant_ffn)
@@ -254,8 +257,12 @@ class FlashFFN(_FlashBacked):
             # layer's lookahead reads start, so they do not queue in front of it
             streamed = self._stream_wave(layer, np.sort(overflow), 0)
         self._release(layer)
-        if self.lookahead and layer + 1 < len(self.caches):
-            self._start_lookahead(layer + 1, x)
+        if self.lookahead:
+            need = self._last_loaded + len(overflow)  # bundles this token needed from flash
+            old = self._la_need[layer]
+            self._la_need[layer] = need if old is None else old + LOOKAHEAD_EMA * (need - old)
+            if layer + 1 < len(self.caches):
+                self._start_lookahead(layer + 1, x)
         cache = self.caches[layer]
         y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
         if len(overflow):
@@ -300,7 +307,13 @@ class FlashFFN(_FlashBacked):
         guess = self.selector.lookahead(layer, x)
         t1 = time.perf_counter()
         self.log.add(select_s=t1 - t0)
-        guess = guess[self.caches[layer].neuron_row[guess] < 0][: self.plan.lookahead_rows]
+        # at most LOOKAHEAD_OVER x what this layer has been needing from flash (its guesses are
+        # ordered strongest first, so the surplus cut is the least likely): a guess much larger
+        # than the layer's reads would spend the device on bundles nobody computes
+        need = self._la_need[layer]
+        cap = self.plan.lookahead_rows if need is None else min(self.plan.lookahead_rows,
+                                                                 max(16, int(LOOKAHEAD_OVER * need) + 1))
+        guess = guess[self.caches[layer].neuron_row[guess] < 0][:cap]
         if len(guess) == 0:
             return
         staging = self._la_staging
@@ -407,6 +420,7 @@ class FlashFFN(_FlashBacked):
         t0 = time.perf_counter()
         plan = cache.step(ids)
         mem = time.perf_counter() - t0
+        self._last_loaded = len(plan)
         if len(plan):
             raw = self._fetch(layer, plan.neurons)
             t1 = time.perf_counter()
