@@ -193,3 +193,29 @@ def test_profile_rejects_nonsense() -> None:
         DeviceProfile(a_us=1.0, s0_us=1.0, bandwidth_Bps=0.0)
     with pytest.raises(ValueError):
         DeviceProfile(a_us=1.0, s0_us=1.0, bandwidth_Bps=1e9, threads=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(planning_cases(), st.sampled_from(["bundle", "part"]))
+def test_ablation_reads_land_every_byte_and_count_one_read_per_bundle_or_part(case: dict, reads: str) -> None:
+    """bench --reads bundle|part (the paper's I/O ablation): same bytes in staging, unmerged reads."""
+    bb = case["bundle_bytes"]
+    cuts = (bb // 3, 2 * bb // 3)
+    plan = plan_reads(case["slots"], bb, case["base_offset"], DEFAULT_PROFILE, align=case["align"],
+                      max_read_bytes=case["max_read_bytes"], reads=reads, part_cuts=cuts)
+    source = _staging_file_offsets(plan)
+    expected = case["base_offset"] + case["slots"][:, None] * bb + np.arange(bb)
+    np.testing.assert_array_equal(source[plan.slot_positions[:, None] + np.arange(bb)], expected)
+    assert np.all(plan.offsets % case["align"] == 0) and np.all(plan.lengths % case["align"] == 0)
+    n = np.unique(case["slots"]).size
+    if reads == "bundle":
+        assert plan.n_reads == n
+    else:
+        assert n <= plan.n_reads <= 3 * n
+        if bb >= 3 * 2 * case["align"]:  # parts long enough that each has an aligned start of its own
+            assert plan.n_reads == 3 * n
+
+
+def test_unknown_read_policy_is_refused() -> None:
+    with pytest.raises(ValueError, match="reads must be one of"):
+        plan_reads(np.array([1]), 100, 0, DEFAULT_PROFILE, reads="merged")

@@ -27,6 +27,12 @@ import numpy as np
 from llmflash.errors import LLMFlashError
 
 PROFILE_ENV = "LLMFLASH_DEVICE_PROFILE"
+
+READS = ("planned", "bundle", "part")
+"""How bundles become reads: ``planned`` by the cost model (ours); ``bundle`` one read per bundle, nothing
+merged (read planning off); ``part`` one read per weight matrix of each bundle (gate row, up row, down
+column: the requests an unbundled layout would issue; bundling and read planning off). The last two exist
+for the paper's I/O ablation (bench --reads); the bytes that land in staging are the same in all three."""
 """Environment variable that overrides where the measured device profile lives."""
 
 
@@ -242,6 +248,8 @@ def plan_reads(
     align: int = 512,
     max_read_bytes: int = 1 << 20,
     merge_gap_bytes: float | None = None,
+    reads: str = "planned",
+    part_cuts: tuple[int, ...] = (),
 ) -> ReadPlan:
     """Plan aligned reads that cover the bundles at ``slots`` of a region of fixed-size bundles.
 
@@ -251,7 +259,15 @@ def plan_reads(
     ``profile.merge_gap_bytes()``; 0 merges only touching ranges) are read as one, gap included.
     No read is longer than ``max_read_bytes`` or crosses a multiple of it. Duplicated slots are
     read once and gathered as often as asked.
+
+    ``reads`` (see READS): ``bundle`` reads each distinct bundle's aligned range on its own (ranges of
+    neighbours may overlap by the alignment padding and are then read twice, as separate requests would);
+    ``part`` also cuts each such range at the aligned byte offsets ``part_cuts`` within a bundle (where its
+    second and later weight matrices start), so one bundle costs one read per matrix. Each bundle's bytes
+    stay contiguous in staging in every case.
     """
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {READS}, got {reads!r}")
     _validate(bundle_bytes, base_offset, align, max_read_bytes)
     wanted = np.asarray(slots, dtype=np.int64).reshape(-1)
     if wanted.size == 0:
@@ -269,6 +285,10 @@ def plan_reads(
     starts = first_byte // align * align
     ends = -(-(first_byte + bundle_bytes) // align) * align
 
+    if reads != "planned":
+        return _unplanned(unique, inverse, first_byte, starts, ends, bundle_bytes,
+                          part_cuts if reads == "part" else (), align)
+
     # A gap of max_read_bytes or more could hold a whole grid cell; never worth reading anyway.
     group_of = _merge_runs(starts, ends, min(merge_gap_bytes, max_read_bytes))
     boundaries = np.flatnonzero(np.diff(group_of)) + 1
@@ -281,6 +301,33 @@ def plan_reads(
     positions = group_buffer[group_of] + (first_byte - group_start[group_of])
 
     offsets, lengths = _split_groups(group_start, group_end, max_read_bytes)
+    buffer_offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    return ReadPlan(
+        offsets=offsets.astype(np.int64),
+        lengths=lengths.astype(np.int64),
+        buffer_offsets=buffer_offsets,
+        slot_positions=(positions if inverse is None else positions[inverse.reshape(-1)]).astype(np.int64),
+        bundle_bytes=int(bundle_bytes),
+        n_unique=int(unique.size),
+    )
+
+
+def _unplanned(unique: np.ndarray, inverse: np.ndarray | None, first_byte: np.ndarray, starts: np.ndarray,
+               ends: np.ndarray, bundle_bytes: int, part_cuts: tuple[int, ...], align: int) -> ReadPlan:
+    """One read per bundle (or per part of one): the ablation's baselines, vectorised like the planner."""
+    span = ends - starts
+    bundle_buffer = np.concatenate(([0], np.cumsum(span)[:-1]))
+    positions = bundle_buffer + (first_byte - starts)
+    # Cut points inside each aligned bundle range, rounded to the alignment; a cut that falls on
+    # the range's start or end (tiny parts) adds no read.
+    rel = np.array(sorted(set(part_cuts)), dtype=np.int64).reshape(1, -1)
+    cuts = (first_byte.reshape(-1, 1) + rel) // align * align if rel.size else np.zeros((unique.size, 0), np.int64)
+    bounds = np.concatenate((starts.reshape(-1, 1), np.clip(cuts, starts.reshape(-1, 1), ends.reshape(-1, 1)),
+                             ends.reshape(-1, 1)), axis=1)
+    lengths = np.diff(bounds, axis=1)
+    keep = lengths > 0
+    offsets = bounds[:, :-1][keep]
+    lengths = lengths[keep]
     buffer_offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
     return ReadPlan(
         offsets=offsets.astype(np.int64),
