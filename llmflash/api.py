@@ -225,7 +225,8 @@ class Model:
 def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: int = 5,
          sparsity: str | None = None, density: float | None = None, dtype: str = "auto",
          threads: int = 32, reader: str = "auto", pin: float = 0.0,
-         predictor_cost: str | None = None, context: int | None = None, lookahead: bool = True) -> Model:
+         predictor_cost: str | None = None, context: int | None = None, lookahead: bool = True,
+         reads: str = "planned") -> Model:
     """Load a converted model (a directory written by `convert` or `synth`).
 
     mode: dense (all in DRAM), flash (ours), naive, hybrid, mmap (baselines).
@@ -245,13 +246,16 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
         float16, bfloat16 or float32 (converted at load). Activations are float32 in every case.
     lookahead: flash mode reads the next layer's predicted neurons while this layer computes (a
         prefetch: the same tokens and logits either way); False reads each layer on demand only.
+    reads: flash mode's read policy - planned (the cost model merges neighbouring bundles), bundle
+        (one read per bundle) or part (one read per weight matrix of a bundle, as an unbundled layout
+        would issue): the paper's I/O ablation (docs/SCALE.md); same results, different requests.
     """
     if dtype not in COMPUTE_DTYPES:
         raise LLMFlashError(f"unknown dtype {dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
     context = context or DEFAULT_CONTEXT  # the engine and the memory plan agree on it
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
                          threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost,
-                         context=context, lookahead=lookahead)
+                         context=context, lookahead=lookahead, reads=reads)
     engine = Engine(Path(path).expanduser(), dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options),
                     context=context)
     return Model(engine, options)

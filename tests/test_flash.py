@@ -205,3 +205,27 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     assert plan["extra_resident_bytes"] == out["stats"]["selector_bytes"] > 0
     limit = plan["budget_bytes"] + runtime_overhead_bytes() + FIXED_OVERHEAD_BYTES
     assert out["peak_rss_bytes"] <= limit, (out["peak_rss_bytes"], limit)
+
+
+@pytest.mark.parametrize("reads", ["bundle", "part"])
+def test_ablation_reads_change_requests_not_results(model, reads):
+    """--reads bundle|part (the paper's I/O ablation) issues more, smaller requests for the same
+    bundles: logits equal the planned run's, reads per token grow, and part splits every bundle."""
+    path, kind = model
+    if kind == "silu":
+        pytest.skip("exact selection needs a ReLU model")
+    runs = {}
+    for policy in ("planned", reads):
+        _, flash = engines(path, memory="ffn:0.8", window=3, reads=policy)
+        cache = flash.model.new_cache(64)
+        logits = [flash.model.forward(torch.tensor(PROMPT), cache)]
+        for nxt in [5, 77, 5, 301, 12]:
+            logits.append(flash.model.forward(torch.tensor([nxt]), cache))
+        runs[policy] = (torch.cat(logits), flash.ffn.log, flash.ffn)
+    torch.testing.assert_close(runs[reads][0], runs["planned"][0], rtol=0, atol=0)
+    planned, ablated = runs["planned"][1], runs[reads][1]
+    assert sum(ablated.neurons_loaded[1:]) == sum(planned.neurons_loaded[1:]) > 0
+    assert sum(ablated.reads[1:]) > sum(planned.reads[1:])
+    if reads == "part":
+        parts = len(runs[reads][2].dir.bundle.part_cuts()) + 1
+        assert parts >= 2 and sum(ablated.reads[1:]) >= parts * sum(ablated.neurons_loaded[1:]) * 0.9

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                          dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
                          threads=args.threads, reader=args.reader, density=args.density,
                          max_seconds=args.max_seconds, predictor_cost=args.predictor_cost, context=args.context,
-                         lookahead=args.lookahead,
+                         lookahead=args.lookahead, reads=args.reads,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if args.json:

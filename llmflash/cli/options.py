@@ -80,6 +80,10 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
     g.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                    help="flash: read each layer's neurons only when it needs them (default: the next "
                         "layer's predicted neurons are read while this layer computes; same results)")
+    g.add_argument("--reads", default="planned", choices=("planned", "bundle", "part"),
+                   help="flash: how bundles become reads - planned (default: the cost model merges "
+                        "neighbours), bundle (one read each: read planning off), part (one read per weight "
+                        "matrix of a bundle: bundling off too); for the paper's I/O ablation")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="what weights are held at in DRAM: auto (default: as converted), or converted at "
                         "load; activations are float32 in every case")
@@ -102,4 +106,4 @@ def load_options(args: argparse.Namespace) -> dict:
     return {"mode": args.mode, "memory": args.memory, "window": args.window, "sparsity": args.sparsity,
             "density": args.density, "dtype": args.dtype, "threads": args.threads, "reader": args.reader,
             "pin": args.pin, "predictor_cost": args.predictor_cost, "context": args.context,
-            "lookahead": args.lookahead}
+            "lookahead": args.lookahead, "reads": args.reads}

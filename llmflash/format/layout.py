@@ -107,6 +107,17 @@ class BundleLayout:
             return sum(quantized.part_bytes(self.dtype, p.name, p.length) for p in self.parts)
         return self.elements * self.itemsize
 
+    def part_cuts(self) -> tuple[int, ...]:
+        """Byte offsets in a bundle where its second and later weight matrices start (gate | up | down;
+        fc1 | fc2): where an unbundled layout's requests would split a bundle (bench --reads part).
+        Per-neuron biases (one element) ride with the matrix before them."""
+        cuts, at = [], 0
+        for i, p in enumerate(self.parts):
+            if i and p.length > 1:
+                cuts.append(at)
+            at += quantized.part_bytes(self.dtype, p.name, p.length) if self.quantized else p.length * self.itemsize
+        return tuple(cuts)
+
     def part(self, name: str) -> BundlePart | None:
         for p in self.parts:
             if p.name == name:

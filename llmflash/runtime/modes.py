@@ -18,6 +18,7 @@ from llmflash.format.layout import FlashModelDir
 from llmflash.runtime import providers
 from llmflash.runtime.engine import dense_ffn
 from llmflash.runtime.memory_plan import plan_memory
+from llmflash.runtime.read_planner import READS
 from llmflash.runtime.reader import FlashReader
 from llmflash.runtime.selectors import make_selector, resolve_sparsity
 from llmflash.runtime.sparse_ffn import sparse_ffn_factory
@@ -44,6 +45,7 @@ class RunOptions:
     context: int | None = None  # longest sequence (prompt + generated) in tokens; its KV cache is charged
     predictor_cost: str | None = None  # flash: run and charge a stand-in predictor (runtime.trace_selector)
     lookahead: bool = True  # flash: read the next layer's predicted bundles while this one computes
+    reads: str = "planned"  # flash: planned | bundle | part (read_planner.READS; the I/O ablation)
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -58,6 +60,8 @@ class RunOptions:
             raise LLMFlashError(f"pin must be in [0, 1), got {self.pin}")
         if self.reader not in READERS:
             raise LLMFlashError(f"unknown reader {self.reader!r}; choose one of {', '.join(READERS)}")
+        if self.reads not in READS:
+            raise LLMFlashError(f"unknown reads {self.reads!r}; choose one of {', '.join(READS)}")
         if self.predictor_cost is not None:
             from llmflash.runtime.trace_selector import parse_predictor_cost
 
@@ -86,7 +90,8 @@ def ffn_factory(options: RunOptions):
             return sparse_ffn_factory(sparsity, options.density)(model_dir, dtype)
         if options.mode == "mmap":
             return providers.MmapFFN(model_dir, dtype)
-        reader = FlashReader(threads=options.threads, backend=options.reader)
+        reader = FlashReader(threads=options.threads, backend=options.reader, reads=options.reads,
+                             part_cuts=model_dir.bundle.part_cuts() if options.mode == "flash" else ())
         if options.mode == "naive":
             return providers.NaiveFFN(model_dir, dtype, reader)
         if options.mode == "hybrid":

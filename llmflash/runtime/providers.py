@@ -322,7 +322,7 @@ class FlashFFN(_FlashBacked):
             neurons = np.sort(guess)
             slots = self.slot_of[layer][neurons]
             plan = plan_reads(slots, self.bundle_bytes, offset, self.reader.profile, self.file.align,
-                              self.reader.max_read_bytes)
+                              self.reader.max_read_bytes, reads=self.reader.reads, part_cuts=self.reader.part_cuts)
             if plan.staging_bytes <= staging.size:
                 break
             # merged gaps made it larger than the buffer: keep fewer, strongest first

@@ -301,6 +301,8 @@ class FlashReader:
         range_chunk_bytes: int = 8 << 20,
         range_in_flight: int = 8,
         backend: str = "auto",
+        reads: str = "planned",
+        part_cuts: tuple[int, ...] = (),
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -310,6 +312,9 @@ class FlashReader:
             raise ValueError(f"range_chunk_bytes must be a positive multiple of {DIRECT_ALIGN}")
         self.threads = int(threads)
         self.profile = (profile or load_default_profile()).with_threads(self.threads)
+        # How bundles become reads (read_planner.READS): planned by the cost model unless an I/O
+        # ablation asks for one read per bundle or per weight matrix (part_cuts: where they start).
+        self.reads, self.part_cuts = reads, tuple(part_cuts)
         self.max_read_bytes = int(max_read_bytes)
         self.range_chunk_bytes = int(range_chunk_bytes)
         self.range_in_flight = max(1, int(range_in_flight))
@@ -347,7 +352,8 @@ class FlashReader:
         with self._lock:
             start = time.perf_counter()
             plan = plan_reads(
-                wanted, bundle_bytes, base_offset, self.profile, file.align, self.max_read_bytes
+                wanted, bundle_bytes, base_offset, self.profile, file.align, self.max_read_bytes,
+                reads=self.reads, part_cuts=self.part_cuts,
             )
             staging = self._staging_for(plan.staging_bytes)
             self._run_reads(file, staging, plan, self.threads)

@@ -250,7 +250,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
           threads: int = 32, reader: str = "auto", density: float | None = None,
           max_seconds: float | None = None, predictor_cost: str | None = None, context: int | None = None,
-          lookahead: bool = True, progress=print) -> dict:
+          lookahead: bool = True, reads: str = "planned", progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.runtime.engine import load_tokenizer
 
@@ -269,7 +269,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
               "max_seconds": max_seconds, "predictor_cost": predictor_cost, "context": context,
-              "lookahead": lookahead, "modes": {}}
+              "lookahead": lookahead, "reads": reads, "modes": {}}
     bandwidth = result["memory_bandwidth"] = copy_bandwidth()
     for mode in modes:
         progress(f"bench: running {mode} ...")
@@ -284,6 +284,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             extra += ("--predictor-cost", predictor_cost)
         if mode == "flash" and not lookahead:
             extra += ("--no-lookahead",)
+        if mode == "flash" and reads != "planned":  # the I/O ablation: read planning / bundling off
+            extra += ("--reads", reads)
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
                        pin if mode == "flash" else 0.0, extra, max_seconds)
         result["modes"][mode] = summarise(run, max_seconds)
@@ -308,7 +310,9 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
 def table(result: dict) -> str:
     lines = [f"model {result['model']}  budget {result['memory']} "
              f"({result['budget_bytes'] / 2**20:.1f} MiB)  window {result['window']}  "
-             f"sparsity {result['sparsity']}  prompt {result['prompt_tokens']} + {result['tokens']} tokens",
+             f"sparsity {result['sparsity']}  prompt {result['prompt_tokens']} + {result['tokens']} tokens"
+             + (f"  flash reads: {result['reads']} (I/O ablation)" if result.get("reads", "planned") != "planned"
+                else ""),
              f"{'mode':8}{'tok/s':>8}{'ms/tok':>9}{'io ms':>8}{'mem ms':>8}{'comp ms':>9}"
              f"{'KiB/tok':>10}{'reads/tok':>10}{'MB/s':>8}{'model MB/s':>11}{'peak RSS':>10}"]
     notes = []
