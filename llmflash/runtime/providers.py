@@ -264,7 +264,12 @@ class FlashFFN(_FlashBacked):
             if layer + 1 < len(self.caches):
                 self._start_lookahead(layer + 1, x)
         cache = self.caches[layer]
-        y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
+        if self.quant:  # quantized rows: dequantize and compute only this token's own selection
+            rows = cache.rows_of(ids)
+            rows = rows[rows >= 0]  # the overflow is streamed below
+            y = self._ffn(layer, x, cache.rows.index_select(0, torch.from_numpy(rows)), cache.row_neuron[rows])
+        else:
+            y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
         if len(overflow):
             y += self._stream(layer, x, np.sort(overflow), streamed)
         if self._prefetch is not None and not self._prefetch.reaped:
