@@ -101,7 +101,8 @@ def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:
                 "io_wait_ms": [round(v * 1000, 4) for v in log.io_s[1:]],
                 "io_hidden_ms": [round(v * 1000, 4) for v in log.io_hidden_s[1:]],
                 # share of the bundles a step needed from flash that the lookahead had read
-                "lookahead_recall": [round(h / n, 4) if n else None for h, n in zip(log.la_hits[1:], log.la_needed[1:])],
+                "lookahead_recall": [round(h / n, 4) if n else None
+                                     for h, n in zip(log.la_hits[1:], log.la_needed[1:])],
                 "lookahead_bundles": log.la_fetched[1:],
                 "lookahead_bytes": log.la_bytes[1:],
                 "lookahead_wasted_bytes": [w * ffn.bundle_bytes for w in log.la_wasted[1:]],

@@ -37,8 +37,8 @@ from llmflash.models.base import FFNProvider
 from llmflash.runtime.selectors import NeuronSelector
 
 PREFILL_CHUNK_BYTES = 4 << 20  # bundles streamed per read while processing a prompt
-LOOKAHEAD_OVER = 1.5  # a layer's lookahead reads at most this x the bundles it has been needing
-LOOKAHEAD_EMA = 0.3  # weight of the latest token in that running figure
+LOOKAHEAD_OVER = 1.0  # a layer's lookahead reads at most this x the bundles it has been needing
+LOOKAHEAD_EMA = 0.5  # weight of the latest token in that running figure
 
 
 @dataclass
@@ -81,7 +81,7 @@ class _Prefetch:
     layer: int
     neurons: np.ndarray
     pending: PendingRead
-    used: np.ndarray = None  # bool per neuron
+    used: np.ndarray | None = None  # bool per neuron (set in __post_init__)
     reaped: bool = False
 
     def __post_init__(self) -> None:
