@@ -376,7 +376,7 @@ def plot(result: dict, path: Path) -> None:
     mem = [result["modes"][m]["mem_ms"] for m in modes]
     comp = [result["modes"][m]["compute_ms"] for m in modes]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(modes, io, label="flash I/O")
+    ax.bar(modes, io, label="flash I/O (waited)")
     ax.bar(modes, mem, bottom=io, label="memory management")
     ax.bar(modes, comp, bottom=[a + b for a, b in zip(io, mem)], label="compute")
     # flash's lookahead reads that ran while it computed: inside the compute bar, not added to it
