@@ -301,15 +301,7 @@ def plan_reads(
     positions = group_buffer[group_of] + (first_byte - group_start[group_of])
 
     offsets, lengths = _split_groups(group_start, group_end, max_read_bytes)
-    buffer_offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
-    return ReadPlan(
-        offsets=offsets.astype(np.int64),
-        lengths=lengths.astype(np.int64),
-        buffer_offsets=buffer_offsets,
-        slot_positions=(positions if inverse is None else positions[inverse.reshape(-1)]).astype(np.int64),
-        bundle_bytes=int(bundle_bytes),
-        n_unique=int(unique.size),
-    )
+    return _plan(offsets, lengths, positions, inverse, bundle_bytes, unique.size)
 
 
 def _unplanned(unique: np.ndarray, inverse: np.ndarray | None, first_byte: np.ndarray, starts: np.ndarray,
@@ -328,12 +320,17 @@ def _unplanned(unique: np.ndarray, inverse: np.ndarray | None, first_byte: np.nd
     keep = lengths > 0
     offsets = bounds[:, :-1][keep]
     lengths = lengths[keep]
-    buffer_offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    return _plan(offsets, lengths, positions, inverse, bundle_bytes, unique.size)
+
+
+def _plan(offsets: np.ndarray, lengths: np.ndarray, positions: np.ndarray, inverse: np.ndarray | None,
+          bundle_bytes: int, n_unique: int) -> ReadPlan:
+    """Reads laid back to back in staging; positions of the distinct bundles mapped to the caller's order."""
     return ReadPlan(
         offsets=offsets.astype(np.int64),
         lengths=lengths.astype(np.int64),
-        buffer_offsets=buffer_offsets,
+        buffer_offsets=np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64),
         slot_positions=(positions if inverse is None else positions[inverse.reshape(-1)]).astype(np.int64),
         bundle_bytes=int(bundle_bytes),
-        n_unique=int(unique.size),
+        n_unique=int(n_unique),
     )
