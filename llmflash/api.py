@@ -225,7 +225,7 @@ class Model:
 def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: int = 5,
          sparsity: str | None = None, density: float | None = None, dtype: str = "auto",
          threads: int = 32, reader: str = "auto", pin: float = 0.0,
-         predictor_cost: str | None = None, context: int | None = None, lookahead: bool = True,
+         predictor_cost: str | None = None, context: int | None = None, lookahead: bool = False,
          reads: str = "planned") -> Model:
     """Load a converted model (a directory written by `convert` or `synth`).
 
@@ -245,7 +245,8 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     dtype: what weights are held at in DRAM: auto (as stored: float16, bfloat16 or float32),
         float16, bfloat16 or float32 (converted at load). Activations are float32 in every case.
     lookahead: flash mode reads the next layer's predicted neurons while this layer computes (a
-        prefetch: the same tokens and logits either way); False reads each layer on demand only.
+        prefetch: the same tokens and logits either way). Off by default: on two shared cores it made
+        7B-shaped tokens slower (docs/FLASH.md, "Overlap").
     reads: flash mode's read policy - planned (the cost model merges neighbouring bundles), bundle
         (one read per bundle) or part (one read per weight matrix of a bundle, as an unbundled layout
         would issue): the paper's I/O ablation (docs/SCALE.md); same results, different requests.

@@ -196,7 +196,7 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     assert model_bytes > 100 * 2**20  # big enough that the budget matters against the overhead
     proc = subprocess.run([sys.executable, "-m", "llmflash", "generate", str(tmp_path / "flash"),
                            "--ids", ",".join(str(i) for i in range(1, 33)), "--max-new-tokens", "16",
-                           "--mode", "flash", "--sparsity", "exact",
+                           "--mode", "flash", "--sparsity", "exact", "--lookahead",  # its staging too
                            "--memory", "50%", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -207,25 +207,24 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     assert out["peak_rss_bytes"] <= limit, (out["peak_rss_bytes"], limit)
 
 
-@pytest.mark.parametrize("reads", ["bundle", "part"])
-def test_ablation_reads_change_requests_not_results(model, reads):
-    """--reads bundle|part (the paper's I/O ablation) issues more, smaller requests for the same
-    bundles: logits equal the planned run's, reads per token grow, and part splits every bundle."""
+def test_ablation_reads_change_requests_not_results(model):
+    """--reads bundle|part (the paper's I/O ablation) issue more, smaller requests for the same
+    bundles: logits equal the planned run's; one read per bundle, then more than one per bundle."""
     path, kind = model
     if kind == "silu":
         pytest.skip("exact selection needs a ReLU model")
     runs = {}
-    for policy in ("planned", reads):
+    for policy in ("planned", "bundle", "part"):
         _, flash = engines(path, memory="ffn:0.8", window=3, reads=policy)
         cache = flash.model.new_cache(64)
         logits = [flash.model.forward(torch.tensor(PROMPT), cache)]
         for nxt in [5, 77, 5, 301, 12]:
             logits.append(flash.model.forward(torch.tensor([nxt]), cache))
-        runs[policy] = (torch.cat(logits), flash.ffn.log, flash.ffn)
-    torch.testing.assert_close(runs[reads][0], runs["planned"][0], rtol=0, atol=0)
-    planned, ablated = runs["planned"][1], runs[reads][1]
-    assert sum(ablated.neurons_loaded[1:]) == sum(planned.neurons_loaded[1:]) > 0
-    assert sum(ablated.reads[1:]) > sum(planned.reads[1:])
-    if reads == "part":
-        parts = len(runs[reads][2].dir.bundle.part_cuts()) + 1
-        assert parts >= 2 and sum(ablated.reads[1:]) >= parts * sum(ablated.neurons_loaded[1:]) * 0.9
+        runs[policy] = (torch.cat(logits), flash.ffn.log)
+    for policy in ("bundle", "part"):
+        torch.testing.assert_close(runs[policy][0], runs["planned"][0], rtol=0, atol=0)
+    loaded = sum(runs["planned"][1].neurons_loaded[1:])
+    assert loaded > 0 and all(sum(log.neurons_loaded[1:]) == loaded for _, log in runs.values())
+    reads = {policy: sum(log.reads[1:]) for policy, (_, log) in runs.items()}
+    assert reads["planned"] < reads["bundle"] < reads["part"], reads
+    assert reads["bundle"] >= loaded

@@ -125,7 +125,7 @@ def test_deliberately_wrong_lookahead_changes_nothing(relu):
 
 
 def test_generate_tokens_and_stats(relu):
-    """A default run (lookahead on) against --no-lookahead's own plan (no staging buffer, so a
+    """A run with the lookahead on against one without (its own plan: no staging buffer, so a
     few more cache rows): the same tokens."""
     memory = budget(relu, 0.3)
     a = flash(relu, False, memory).generate(PROMPT, 8, stop_at_eos=False)
@@ -197,7 +197,8 @@ def test_kernel_aio_one_batch_per_context(tmp_path):
         aio.close()
 
 
-def test_cli_no_lookahead_flag(relu):
+def test_cli_lookahead_flags(relu):
+    """--lookahead turns the pipeline on; off is the default (and --no-lookahead says so explicitly)."""
     memory = budget(relu, 0.3)
 
     def generate(*extra):
@@ -207,8 +208,9 @@ def test_cli_no_lookahead_flag(relu):
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
-    on, off = generate(), generate("--no-lookahead")
+    on, off, default = generate("--lookahead"), generate("--no-lookahead"), generate()
     assert on["stats"]["lookahead"]["on"] and not off["stats"]["lookahead"]["on"]
+    assert not default["stats"]["lookahead"]["on"]
     assert on["token_ids"] == off["token_ids"]
     assert on["stats"]["memory_plan"]["lookahead_bytes"] > 0 == off["stats"]["memory_plan"]["lookahead_bytes"]
 

@@ -77,9 +77,10 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
     g.add_argument("--pin", type=float, default=0.0,
                    help="flash: share of each layer's hottest neurons kept pinned in the cache "
                         "(e.g. 0.03; needs `llmflash reorder`)")
-    g.add_argument("--no-lookahead", dest="lookahead", action="store_false",
-                   help="flash: read each layer's neurons only when it needs them (default: the next "
-                        "layer's predicted neurons are read while this layer computes; same results)")
+    g.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=False,
+                   help="flash: read the next layer's predicted neurons while this layer computes (same "
+                        "results; off by default: it measured slower at 7B on 2 cores, docs/FLASH.md "
+                        "\"Overlap\")")
     g.add_argument("--reads", default="planned", choices=("planned", "bundle", "part"),
                    help="flash: how bundles become reads - planned (default: the cost model merges "
                         "neighbours), bundle (one read each: read planning off), part (one read per weight "

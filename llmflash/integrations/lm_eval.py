@@ -11,7 +11,8 @@ flag works). From Python: `import llmflash.integrations.lm_eval` then
 `lm_eval.simple_evaluate(model="llmflash", model_args=...)`.
 
 model_args: pretrained (or path) = a converted model directory; mode, memory, window, sparsity,
-density, dtype, threads, reader, pin, context, predictor_cost = llmflash.load's arguments;
+density, dtype, threads, reader, pin, context, predictor_cost, lookahead, reads = llmflash.load's
+arguments;
 add_bos_token (default: what the tokenizer does by default, as lm-eval's "hf" model); max_length
 (default: the model's context). Likelihoods come from
 Model.logits over the whole sequence: in dense mode with a selector (sparsity=predictor|magnitude|
@@ -33,7 +34,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 LOAD_ARGS = ("mode", "memory", "window", "sparsity", "density", "dtype", "threads", "reader", "pin", "context",
-             "predictor_cost")
+             "predictor_cost", "lookahead", "reads")
 
 
 @register_model("llmflash")
@@ -51,9 +52,11 @@ class LLMFlashLM(TemplateLM):
         if model_dir is None:
             raise ValueError("llmflash: give the converted model directory as pretrained=DIR in --model_args")
         load = {k: kwargs.pop(k) for k in LOAD_ARGS if kwargs.get(k) is not None}
-        for key in ("memory", "sparsity", "mode", "dtype", "reader", "predictor_cost"):  # lm-eval turns "50" into 50
+        for key in ("memory", "sparsity", "mode", "dtype", "reader", "predictor_cost", "reads"):  # "50" -> 50
             if key in load:
                 load[key] = str(load[key])
+        if "lookahead" in load:  # lm-eval passes True/False as bools, anything else as given
+            load["lookahead"] = str(load["lookahead"]).lower() in ("1", "true", "yes", "on")
         # batch_size, max_batch_size, device ... come from lm-eval's own flags: one sequence at a time on CPU
         self.model = llmflash.load(model_dir, **load)
         self.tok = self.model.require_tokenizer()

@@ -44,7 +44,7 @@ class RunOptions:
     reader: str = "auto"  # auto (kernel AIO where allowed) | aio | threads
     context: int | None = None  # longest sequence (prompt + generated) in tokens; its KV cache is charged
     predictor_cost: str | None = None  # flash: run and charge a stand-in predictor (runtime.trace_selector)
-    lookahead: bool = True  # flash: read the next layer's predicted bundles while this one computes
+    lookahead: bool = False  # flash: read the next layer's predicted bundles while this one computes
     reads: str = "planned"  # flash: planned | bundle | part (read_planner.READS; the I/O ablation)
 
     def check(self) -> None:

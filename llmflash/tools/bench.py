@@ -250,7 +250,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
           threads: int = 32, reader: str = "auto", density: float | None = None,
           max_seconds: float | None = None, predictor_cost: str | None = None, context: int | None = None,
-          lookahead: bool = True, reads: str = "planned", progress=print) -> dict:
+          lookahead: bool = False, reads: str = "planned", progress=print) -> dict:
     model_dir = FlashModelDir(model)
     from llmflash.runtime.engine import load_tokenizer
 
@@ -282,8 +282,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             extra += ("--density", str(density))
         if mode == "flash" and predictor_cost:
             extra += ("--predictor-cost", predictor_cost)
-        if mode == "flash" and not lookahead:
-            extra += ("--no-lookahead",)
+        if mode == "flash" and lookahead:
+            extra += ("--lookahead",)
         if mode == "flash" and reads != "planned":  # the I/O ablation: read planning / bundling off
             extra += ("--reads", reads)
         run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
@@ -346,7 +346,7 @@ def table(result: dict) -> str:
                 f"guess: {la.get('guess')}")
         else:
             why = la.get("off_because")
-            lines.append("flash pipeline: lookahead off" + (f" ({why})" if why else " (--no-lookahead)"))
+            lines.append("flash pipeline: lookahead off" + (f" ({why})" if why else " (the default; --lookahead turns it on)"))
     bw = result.get("memory_bandwidth")
     dense = result["modes"].get("dense", {})
     if bw:
