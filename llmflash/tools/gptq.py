@@ -36,6 +36,20 @@ def _dequant(c: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
     return (c - (levels - 1) / 2) * step
 
 
+def damped_inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1, float32: what GPTQ pushes each column's error
+    through. Damping starts at `damp` x the mean diagonal and grows tenfold while H + damping is not
+    positive definite (identity after six tries: plain rounding)."""
+    mean_diag = float(torch.diag(H).mean())
+    for attempt in range(6):
+        try:
+            Hd = H + (damp * 10 ** attempt) * mean_diag * torch.eye(H.shape[0], dtype=H.dtype)
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True).float()
+        except RuntimeError:  # not positive definite: more damping
+            continue
+    return torch.eye(H.shape[0], dtype=torch.float32)  # pragma: no cover - H is a damped Gram matrix
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float = 0.01,
          act_order: bool = True, levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize W [N, d] against inputs with second moment H [d, d]: (codes uint8 [N, d], step [N]).
@@ -55,17 +69,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float = 0.01,
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(d)
     W = W[:, perm]
     H = H[perm][:, perm]
-    mean_diag = float(torch.diag(H).mean())
-    for attempt in range(6):
-        try:
-            Hd = H + (damp * 10 ** attempt) * mean_diag * torch.eye(d, dtype=H.dtype)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-            break
-        except RuntimeError:  # not positive definite: more damping
-            continue
-    else:  # pragma: no cover - H is a damped Gram matrix
-        Hinv = torch.eye(d, dtype=H.dtype)
-    Hinv = Hinv.float()
+    Hinv = damped_inverse_cholesky(H, damp)
     codes = torch.zeros(N, d)
     s = step[:, None]
     block = 64

@@ -25,6 +25,7 @@ from llmflash.format import quantized as Q
 from llmflash.format.layout import FlashModelDir, down_scales_name
 from llmflash.models.base import FFNProvider
 from llmflash.runtime.ffn import BundleSlices, ffn_intermediate
+from llmflash.tools.gptq import damped_inverse_cholesky
 
 
 class _Moments(FFNProvider):
@@ -61,17 +62,7 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, kind: str, damp: float = 0.01)
     dead = torch.diag(H) <= 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    mean_diag = float(torch.diag(H).mean())
-    for attempt in range(6):
-        try:
-            Hd = H + (damp * 10 ** attempt) * mean_diag * torch.eye(K, dtype=H.dtype)
-            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-            break
-        except RuntimeError:  # not positive definite: damp more
-            continue
-    else:  # pragma: no cover - a damped Gram matrix
-        Hinv = torch.eye(K, dtype=H.dtype)
-    Hinv = Hinv.float()
+    Hinv = damped_inverse_cholesky(H, damp)
     B = Q.BLOCK
     codes = torch.zeros(N, K, dtype=torch.int8)
     scales = torch.zeros(N, K // B, dtype=torch.float16)
