@@ -147,9 +147,10 @@ def talk_through_the_terminal(term: Terminal) -> None:
                 raise
     term.send("/stats\r")
     term.read_until(r"per-token stats[\s\S]*> ")
-    # Ctrl-D on an empty line leaves. A Ctrl-D typed while the terminal is still in canonical mode
-    # (readline not yet waiting) reaches readline as a NUL byte, not as end of input; so it is sent
-    # after the prompt, and once more (after a Ctrl-U clearing the line) if the chat is still there.
+    # Ctrl-D on an empty line leaves. One sent right after /stats's output was seen was not taken as
+    # end of input (the chat waited at its prompt for ever; most likely it arrived before readline
+    # had the terminal), and even after the prompt the first one is sometimes missed: so it is sent
+    # after the prompt, and again (after a Ctrl-U clearing the line) while the chat is still there.
     for attempt in range(3):
         term.send("\x04")
         code = term.wait(timeout=10 if attempt < 2 else 120)
