@@ -62,7 +62,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="converted model (default: the built-in SmolLM2)")
     p.add_argument("--mode", default="flash")
-    p.add_argument("--memory", default="100%", help="flash budget (SmolLM2 with the magnitude selector needs ~98%%)")
+    p.add_argument("--memory", default="100%", help="flash budget (the default model needs at least 51%%: resident part, predictors, KV cache)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--duration", type=float, default=60.0, help="seconds during which requests start")
     p.add_argument("--grace", type=float, default=300.0, help="seconds allowed after that for the last answers")

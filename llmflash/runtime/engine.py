@@ -16,7 +16,7 @@ import torch
 
 from llmflash.runtime.ffn import DenseFFN
 from llmflash.runtime.checked_ffn import FiniteCheckedFFN
-from llmflash.runtime.memory_plan import resolve_context
+from llmflash.runtime.memory_plan import release_freed_heap, resolve_context
 from llmflash.runtime.sampling import check_sampling, sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
@@ -216,6 +216,7 @@ class Engine:
         # non-finite FFN outputs are an error naming the layer, not NaN logits (checked_ffn.py)
         self.model = build_model(self.config, self.weights, FiniteCheckedFFN(self.ffn, f" in {self.dir.path}"),
                                  self.context, ACTIVATIONS)
+        release_freed_heap()  # what loading freed (memory_plan.release_freed_heap says why)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

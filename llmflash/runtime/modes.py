@@ -17,7 +17,7 @@ from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
 from llmflash.runtime import providers
 from llmflash.runtime.engine import dense_ffn
-from llmflash.runtime.memory_plan import plan_memory
+from llmflash.runtime.memory_plan import plan_memory, release_freed_heap
 from llmflash.runtime.read_planner import READS
 from llmflash.runtime.reader import FlashReader
 from llmflash.runtime.selectors import make_selector, resolve_sparsity
@@ -107,6 +107,7 @@ def ffn_factory(options: RunOptions):
 
             selector = PredictorCost(selector, random_predictors(model_dir, options.predictor_cost, PREDICTOR_DTYPE),
                                      options.predictor_cost)
+        release_freed_heap()  # what loading the selector freed, before the caches are allocated
         # Every selector's resident bytes are charged to the budget, instruments included.
         plan = plan_memory(model_dir, options.memory, dtype, extra_resident_bytes=selector.nbytes(),
                            window=options.window, scratch_share=SCRATCH_SHARE, context=options.context,
