@@ -380,3 +380,22 @@ def test_kernel_aio_reports_errors_and_end_of_file(random_file: tuple[Path, np.n
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ValueError, match="backend"):
         FlashReader(backend="uring")
+
+
+@pytest.mark.parametrize("bundle_bytes,step", [(16386, 2), (6912, 4096), (24, 8), (13, 1), (20, 4), (4096, 16)])
+def test_gather_bundles_copies_each_bundle_from_its_position(bundle_bytes, step):
+    """The gather (one index_select over overlapping rows) against a plain per-bundle copy, for
+    bundle sizes and staging offsets of every alignment the element size is chosen from."""
+    from llmflash.runtime.reader import gather_bundles
+
+    rng = np.random.default_rng(bundle_bytes)
+    source = rng.integers(0, 256, 40 * bundle_bytes + 4 * 4096, dtype=np.uint8)
+    room = (len(source) - bundle_bytes) // step
+    positions = rng.choice(room + 1, size=25, replace=False) * step
+    out = np.zeros((len(positions), bundle_bytes), dtype=np.uint8)
+    gather_bundles(source, positions, bundle_bytes, out)
+    for i, p in enumerate(positions):
+        assert np.array_equal(out[i], source[p:p + bundle_bytes]), (i, p)
+    strided = np.zeros((len(positions), 2 * bundle_bytes), dtype=np.uint8)[:, :bundle_bytes]  # not contiguous
+    gather_bundles(source, positions, bundle_bytes, strided)
+    assert np.array_equal(strided, out)

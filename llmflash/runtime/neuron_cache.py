@@ -289,7 +289,10 @@ class NeuronCache:
                 "(a later step moved or evicted its rows); fill each plan before the next step"
             )
         if contiguous:
-            self.rows[start:stop].copy_(data)
+            target = self.rows[start:stop]
+            if not (data.data_ptr() == target.data_ptr() and data.dtype == target.dtype
+                    and data.device == target.device):  # else: read straight into the rows
+                target.copy_(data)
             self._unfilled[start:stop] = False
         else:
             data = data.to(device=self.device, dtype=self.rows.dtype)

@@ -700,16 +700,16 @@ def _check_bundles_in_file(file: FlashFile, base_offset: int, bundle_bytes: int,
 
 
 def _gather_unit(bundle_bytes: int, positions: np.ndarray) -> int:
-    """Largest power of two (<= 4096) dividing the bundle size and every staging position.
-
-    Copying in units of that many bytes lets ``np.take`` move whole blocks straight into ``out``
-    with a small index array (16 KiB bundles: 4 indices per bundle, not 16384).
-    """
+    """Largest power of two (<= 8) dividing the bundle size and every staging position: the
+    element size the gather copies in."""
     unit = bundle_bytes & -bundle_bytes
     spread = int(np.bitwise_or.reduce(positions)) if positions.size else 0
     if spread:
         unit = min(unit, spread & -spread)
-    return min(unit, 4096)
+    return min(unit, 8)
+
+
+_UNIT_DTYPES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
 
 def _gather(staging: np.ndarray, plan: ReadPlan, out: np.ndarray) -> None:
@@ -719,13 +719,27 @@ def _gather(staging: np.ndarray, plan: ReadPlan, out: np.ndarray) -> None:
 
 def gather_bundles(source: np.ndarray, positions: np.ndarray, bundle_bytes: int, out: np.ndarray) -> None:
     """``out[i] = source[positions[i] : positions[i] + bundle_bytes]`` for every i, vectorised
-    (the gather of a read plan, and of the bundles a prefetch holds that a layer turns out to need)."""
-    unit = _gather_unit(bundle_bytes, positions)
-    if unit < 16 or not out[0].flags.c_contiguous:
-        # Odd sizes: a block index would outweigh the data; index overlapping row windows instead
-        # (one temporary the size of ``out``).
-        out[...] = sliding_window_view(source, bundle_bytes)[positions]
+    (the gather of a read plan, and of the bundles a prefetch holds that a layer turns out to need).
+
+    One copy, straight into ``out``: torch's ``index_select`` over a view of ``source`` whose row
+    j starts at element j (rows overlap; nothing is materialised), in elements of the largest power
+    of two up to 8 bytes that divides the bundle size and every position. Bundles of 16,386 bytes
+    (OPT-6.7B, float16 with biases) sit at even, unaligned staging offsets: measured 0.60 ms for a
+    layer's 587 bundles against 3.40 ms for numpy's fancy index over a sliding window (which
+    copies twice) and 1.17 ms for a plain contiguous copy of the same bytes on this machine's two cores.
+    """
+    import torch
+
+    if len(positions) == 0:
         return
-    block = np.dtype((np.void, unit))
-    index = (positions // unit)[:, None] + np.arange(bundle_bytes // unit, dtype=np.int64)
-    np.take(source.view(block), index, out=out.view(block), mode="clip")
+    unit = _gather_unit(bundle_bytes, positions)
+    if not (out.flags.c_contiguous and out.ndim == 2 and out.shape[1] == bundle_bytes):
+        out[...] = sliding_window_view(source, bundle_bytes)[positions]  # odd `out`: two copies
+        return
+    dtype = getattr(torch, _UNIT_DTYPES[unit])
+    n_elems = len(source) // unit
+    src = torch.from_numpy(source[: n_elems * unit]).view(dtype)
+    row = bundle_bytes // unit
+    rows = src.as_strided((n_elems - row + 1, row), (1, 1))
+    index = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64) // unit)
+    torch.index_select(rows, 0, index, out=torch.from_numpy(out).view(dtype))
