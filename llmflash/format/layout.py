@@ -360,14 +360,17 @@ class FlashModelDir:
                 raise LLMFlashError(f"{self.resident_path}: tensor {down_scales_name(i)} "
                                     f"{'missing' if t is None else f'has shape {list(t.shape)}'}, a {self.dtype} "
                                     f"model needs {list(shape)}")
-            scales.append(t.to(torch.float32))
+            # held neuron-group-major (contiguous [intermediate / 32, hidden]): the scales of any
+            # set of neurons are then gathered as whole rows (quantized.BundleCodec.down_rows)
+            scales.append(t.to(torch.float32).t().contiguous())
         self._down_scales = scales
 
     def down_scales(self, layer: int) -> torch.Tensor:
-        """float32 [hidden, intermediate / 32]: the block scales of layer's down projection."""
+        """float32 [hidden, intermediate / 32]: the block scales of layer's down projection (a
+        transposed view of the [intermediate / 32, hidden] tensor held)."""
         if self._down_scales is None:  # offline tools without an engine: read (and check) once
             self.set_down_scales(self.load_resident(None))
-        return self._down_scales[layer]
+        return self._down_scales[layer].t()
 
     def dequantize_rows(self, raw: torch.Tensor | np.ndarray, layer: int, neurons) -> torch.Tensor:
         """Quantized bundle rows (uint8 [n, bundle bytes]) of `neurons` -> float32 [n, elements]."""

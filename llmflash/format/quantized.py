@@ -194,7 +194,10 @@ class BundleCodec:
     def down_rows(self, raw: torch.Tensor, ids: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """float32 [n, K] down columns of raw rows of neurons `ids`; scales float [K, n_ffn/32]."""
         codes = unpack_codes(raw[:, self.spans["down"]], self.kind, self.k)
-        s = scales.index_select(1, torch.div(ids, BLOCK, rounding_mode="floor")).t()  # [n, K]
+        # rows of the [n_ffn/32, K] scales (a contiguous gather where the caller holds them so,
+        # as FlashModelDir does: 5.5 ms against 14 ms for 1690 7B rows, and the product below
+        # then runs on two contiguous operands: 6.7 ms against 35)
+        s = scales.t().index_select(0, torch.div(ids, BLOCK, rounding_mode="floor"))  # [n, K]
         return codes.to(torch.float32).mul_(s)
 
     def bias(self, raw: torch.Tensor, name: str) -> torch.Tensor | None:

@@ -21,9 +21,10 @@ Two routes, chosen by measurement (docs/FLASH.md, "Quantized models"):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llmflash.format.quantized import BLOCK, BundleCodec, block_codes, unpack_codes
-from llmflash.runtime.ffn import BundleSlices, activate, ffn_from_rows
+from llmflash.runtime.ffn import activate
 
 
 def int4_kernel_available() -> bool:
@@ -99,11 +100,16 @@ class QuantDenseLayer:
 
 
 def quant_rows_ffn(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, codec: BundleCodec,
-                   down_scales: torch.Tensor, slices: BundleSlices, act: str,
-                   threshold: float = 0.0) -> torch.Tensor:
-    """FFN over quantized bundle rows `raw` (uint8 [n, bundle bytes]) of neurons `ids`: the rows
-    are dequantized exactly to float32 (only these rows) and multiplied in float32."""
+                   down_scales: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
+    """FFN over quantized bundle rows `raw` (uint8 [n, bundle bytes]) of neurons `ids`: each part
+    of these rows only is dequantized exactly to a contiguous float32 matrix and multiplied in
+    float32 (no bundle-layout copy in between: 72 against 128 ms for 1690 OPT-6.7B rows)."""
     if raw.shape[0] == 0:
         return torch.zeros_like(x)
-    rows = codec.dequantize(raw, ids, down_scales)
-    return ffn_from_rows(x, rows, slices, act, threshold)
+    up = F.linear(x, codec.block_rows(raw, "up"), codec.bias(raw, "up_bias"))
+    if "gate" in codec.spans:
+        gate = F.linear(x, codec.block_rows(raw, "gate"), codec.bias(raw, "gate_bias"))
+        h = activate(gate, act, threshold) * up
+    else:
+        h = activate(up, act, threshold)
+    return h @ codec.down_rows(raw, ids, down_scales)
