@@ -42,6 +42,7 @@ def release_freed_heap() -> None:
     if _LIBC_TRIM:
         _LIBC_TRIM(0)
 
+
 def resolve_context(config, context: int | None) -> int:
     """The longest sequence a run holds: `context` (or DEFAULT_CONTEXT), at most the model's."""
     if context is not None and context < 2:
