@@ -275,7 +275,7 @@ class NeuronCache:
         if m == 0:
             return
         start, stop = int(plan.rows[0]), int(plan.rows[-1]) + 1
-        contiguous = stop - start == m
+        contiguous = self.run_of(plan) is not None
         if (
             stop > self.n_used
             or len(plan.rows) != m
@@ -298,6 +298,15 @@ class NeuronCache:
             data = data.to(device=self.device, dtype=self.rows.dtype)
             self.rows.index_copy_(0, torch.from_numpy(plan.rows).to(self.device), data)
             self._unfilled[plan.rows] = False
+
+    def run_of(self, plan: AdmitPlan) -> slice | None:
+        """The plan's rows as one slice where they form a run (new neurons appended, or holes side
+        by side), else None: such a plan is filled with one copy, or read straight into its rows."""
+        m = len(plan.rows)
+        if m == 0:
+            return None
+        start, stop = int(plan.rows[0]), int(plan.rows[-1]) + 1
+        return slice(start, stop) if stop - start == m else None
 
     def used_rows(self) -> torch.Tensor:
         """rows[:n_used], the matrix the FFN is computed over (a view, no copy)."""
