@@ -14,13 +14,13 @@ import os
 import sys
 
 from llmflash import __version__
-from llmflash.cli import (bench, calibrate, chat, convert, demo, evaluate, generate, probe_disk, relufy, reorder,
-                          serve, synth, trace, verify)
+from llmflash.cli import (bench, calibrate, chat, convert, demo, evaluate, export_gguf, generate, probe_disk, relufy,
+                          reorder, serve, synth, trace, verify)
 from llmflash.errors import LLMFlashError
 
 # The order of `llmflash --help`. A new verb: a module with NAME, add_parser and run, listed here.
 VERBS = [demo, convert, generate, chat, serve, verify, bench, reorder, probe_disk, calibrate, evaluate, relufy, synth,
-         trace]
+         trace, export_gguf]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_run_options(p, mode=False)
     p.add_argument("--tokens", type=positive_int, default=32, help="tokens generated per mode")
     p.add_argument("--prompt-tokens", type=positive_int, default=64, help="prompt length in tokens")
-    p.add_argument("--modes", default="flash,naive,hybrid,mmap,dense", help="comma-separated modes to run")
+    p.add_argument("--modes", default="flash,naive,hybrid,mmap,dense",
+                   help="comma-separated modes to run: flash, naive, hybrid, mmap, dense, and llamacpp (llama.cpp on "
+                        "--gguf, memory-mapped, under the same limit; skipped with a note when llama-cpp-python is "
+                        "not installed)")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="the same weights as a GGUF, for --modes ...,llamacpp (`llmflash export-gguf MODEL FILE`)")
     p.add_argument("--no-limit", action="store_true", help="do not run modes under a cgroup memory limit")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="stop a mode after the token during which S seconds of its process have passed; "
@@ -38,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                          dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
                          threads=args.threads, reader=args.reader, density=args.density,
                          max_seconds=args.max_seconds, predictor_cost=args.predictor_cost, context=args.context,
-                         lookahead=args.lookahead, reads=args.reads,
+                         lookahead=args.lookahead, reads=args.reads, gguf=args.gguf,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if args.json:

@@ -17,6 +17,7 @@ import torch
 from llmflash.runtime.ffn import DenseFFN
 from llmflash.runtime.checked_ffn import FiniteCheckedFFN
 from llmflash.runtime.memory_plan import release_freed_heap, resolve_context
+from llmflash.runtime.process_stats import peak_rss_bytes, process_read_bytes  # noqa: F401 (re-exported)
 from llmflash.runtime.sampling import check_sampling, sample
 from llmflash.errors import LLMFlashError
 from llmflash.models import build_model
@@ -47,33 +48,6 @@ class GenerationResult:
             "tokens_per_s": decoded / decode_total if decode_total > 0 else None,
             "per_token_s": self.decode_s[1:],
         }
-
-
-def process_read_bytes() -> int:
-    """Bytes this process has caused to be read from storage (/proc/self/io read_bytes)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM). Unlike ru_maxrss it is not inherited from a
-    parent across fork+exec, so a child started by a large process reports its own peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def token_stats(ffn, prefill_s: float, decode_s: list[float]) -> dict:

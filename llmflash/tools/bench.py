@@ -36,14 +36,15 @@ BENCH_TEXT = (
     "silent for any given word, and the silent ones need not be read at all. "
 )
 MODES_ORDER = ("flash", "naive", "hybrid", "mmap", "dense")
+PEER_MODES = ("llamacpp",)  # not in the default list: it needs --gguf and llama-cpp-python
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 
 
-def drop_page_cache(directory: Path) -> None:
-    """Evict a model directory's files from the page cache so the next run reads from disk."""
-    for path in directory.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
+def drop_page_cache(path: Path) -> None:
+    """Evict a model directory's files (or one file) from the page cache so the next run reads from disk."""
+    for file in (path.iterdir() if path.is_dir() else [path]):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
@@ -110,10 +111,28 @@ def run_mode(model: Path, mode: str, prompt_ids: list[int], tokens: int, memory:
            "--dtype", dtype, "--ignore-eos", "--pin", str(pin), *extra_args]
     if max_seconds is not None:
         cmd += ["--max-seconds", str(max_seconds)]
+    return _run_child(cmd, mode, limit, max_seconds)
+
+
+def run_llamacpp(gguf: Path, prompt_ids: list[int], tokens: int, limit: int | None, context: int,
+                 max_seconds: float | None = None) -> dict:
+    """The peer (tools/llamacpp_peer.py) on the GGUF, page cache dropped, under the same limit."""
+    drop_page_cache(gguf)
+    cmd = [sys.executable, "-m", "llmflash.tools.llamacpp_peer", str(gguf), "--ids", ",".join(map(str, prompt_ids)),
+           "--max-new-tokens", str(tokens), "--threads", str(os.cpu_count() or 1), "--context", str(context)]
+    if max_seconds is not None:
+        cmd += ["--max-seconds", str(max_seconds)]
+    # llama.cpp's OpenMP threads spin while they wait unless told not to; spinning on two shared
+    # cores makes its timings collapse
+    return _run_child(cmd, "llamacpp", limit, max_seconds, env={**os.environ, "OMP_WAIT_POLICY": "passive"})
+
+
+def _run_child(cmd: list[str], mode: str, limit: int | None, max_seconds: float | None,
+               env: dict | None = None) -> dict:
     cg = MemoryLimit(limit)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter,
-                              timeout=hard_timeout(max_seconds))
+                              timeout=hard_timeout(max_seconds), env=env)
     except subprocess.TimeoutExpired:
         return {"killed_after_s": hard_timeout(max_seconds),
                 "memory_limit_bytes": limit if cg.path is not None else None}
@@ -225,6 +244,8 @@ def summarise(run: dict, max_seconds: float | None = None) -> dict:
         "memory_limit_bytes": run["memory_limit_bytes"],
         "decode_tokens": t["decode_tokens"],
         "token_ids": run["token_ids"],
+        "split": s.get("split", True),  # False: I/O, memory and compute not measured apart (llamacpp)
+        **({"llamacpp": s["llamacpp"]} if "llamacpp" in s else {}),
         **(_pipeline(s) if "io_hidden_ms" in s else {}),
         **({"memory_plan": s["memory_plan"], "selector": s.get("selector"),
             "verify": s.get("verify"),  # per-bundle checks: bundles, total ms (docs/INTEGRITY.md)
@@ -250,7 +271,19 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
           threads: int = 32, reader: str = "auto", density: float | None = None,
           max_seconds: float | None = None, predictor_cost: str | None = None, context: int | None = None,
-          lookahead: bool = False, reads: str = "planned", progress=print) -> dict:
+          lookahead: bool = False, reads: str = "planned", gguf: Path | None = None, progress=print) -> dict:
+    from llmflash.runtime.memory_plan import resolve_context
+    from llmflash.tools.llamacpp_peer import installed
+
+    unknown = [m for m in modes if m not in MODES_ORDER + PEER_MODES]
+    if unknown:
+        raise LLMFlashError(f"bench: unknown mode {unknown[0]!r}; modes: {', '.join(MODES_ORDER + PEER_MODES)}")
+    if "llamacpp" in modes and gguf is None:
+        raise LLMFlashError("bench: mode llamacpp needs --gguf FILE, the same weights as a GGUF "
+                            f"(`llmflash export-gguf {model} FILE` writes one)")
+    if gguf is not None and not Path(gguf).is_file():
+        raise LLMFlashError(f"bench: --gguf {gguf} is not a file")
+    peer = installed() if "llamacpp" in modes else None
     model_dir = FlashModelDir(model)
     from llmflash.runtime.engine import load_tokenizer
 
@@ -269,7 +302,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
               "max_seconds": max_seconds, "predictor_cost": predictor_cost, "context": context,
-              "lookahead": lookahead, "reads": reads, "modes": {}}
+              "lookahead": lookahead, "reads": reads, "modes": {},
+              **({"gguf": str(gguf), "llamacpp_version": peer} if "llamacpp" in modes else {})}
     bandwidth = result["memory_bandwidth"] = copy_bandwidth()
     for mode in modes:
         progress(f"bench: running {mode} ...")
@@ -286,8 +320,17 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             extra += ("--lookahead",)
         if mode == "flash" and reads != "planned":  # the I/O ablation: read planning / bundling off
             extra += ("--reads", reads)
-        run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
-                       pin if mode == "flash" else 0.0, extra, max_seconds)
+        if mode == "llamacpp":
+            if peer is None:
+                result["modes"][mode] = {"skipped": "llama-cpp-python is not installed "
+                                                    "(CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python)"}
+                progress(f"bench: {mode} skipped: {result['modes'][mode]['skipped']}")
+                continue
+            run = run_llamacpp(Path(gguf), ids, tokens, limit, resolve_context(model_dir.config, context),
+                               max_seconds)
+        else:
+            run = run_mode(model, mode, ids, tokens, memory, window, sparsity, limit, dtype,
+                           pin if mode == "flash" else 0.0, extra, max_seconds)
         result["modes"][mode] = summarise(run, max_seconds)
         if mode == "dense" and result["modes"][mode]["ms_per_token"]:
             r = result["modes"][mode]
@@ -295,14 +338,15 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             r["bandwidth_floor_ms"] = 1000 * r["bytes_touched_per_token"] / bandwidth["copy_Bps"]
             r["vs_bandwidth"] = r["ms_per_token"] / r["bandwidth_floor_ms"]
         result["modes"][mode]["wall_s"] = time.perf_counter() - started
-    m = result["modes"]
+    m = {name: r for name, r in result["modes"].items() if "skipped" not in r}
     ratios = {}
     if "flash" in m:
-        for other in ("naive", "hybrid", "mmap", "dense"):
+        for other in ("naive", "hybrid", "mmap", "dense", "llamacpp"):
             if other in m and m[other]["tokens_per_s"] and m["flash"]["tokens_per_s"]:
                 ratios[f"flash/{other}"] = m["flash"]["tokens_per_s"] / m[other]["tokens_per_s"]
-        if "dense" in m:
-            ratios["flash_tokens_equal_dense"] = m["flash"]["token_ids"] == m["dense"]["token_ids"]
+    for other in ("flash", "llamacpp"):
+        if other in m and "dense" in m:  # same greedy tokens as dense (flash: same arithmetic, see FLASH.md)
+            ratios[f"{other}_tokens_equal_dense"] = m[other]["token_ids"] == m["dense"]["token_ids"]
     result["ratios"] = ratios
     return result
 
@@ -317,6 +361,10 @@ def table(result: dict) -> str:
              f"{'KiB/tok':>10}{'reads/tok':>10}{'MB/s':>8}{'model MB/s':>11}{'peak RSS':>10}"]
     notes = []
     for mode, r in result["modes"].items():
+        if "skipped" in r:
+            notes.append(f"{mode}: skipped: {r['skipped']}")
+            lines.append(f"{mode:8}{'-':>8}{'-':>9}")
+            continue
         if r.get("cut_at_s") is not None:
             how = (f"killed after {r['killed_after_s']:.0f} s with no output" if "killed_after_s" in r
                    else f"{r['decode_tokens'] + 1} of {result['tokens']} tokens")
@@ -327,10 +375,17 @@ def table(result: dict) -> str:
         tps = r["tokens_per_s"] or 0.0
         thr = r["read_throughput_Bps"]
         model_thr = r["profile_throughput_Bps"]
+        if r.get("split", True):
+            split = f"{r['io_ms']:8.1f}{r['mem_ms']:8.2f}{r['compute_ms']:9.1f}"
+            reads, rates = f"{r['reads_per_token']:10.0f}", f"{(thr or 0) / 1e6:8.0f}{(model_thr or 0) / 1e6:11.0f}"
+        else:  # llama.cpp: page faults inside its compute, reads not counted apart
+            split, reads, rates = f"{'-':>8}{'-':>8}{'-':>9}", f"{'-':>10}", f"{'-':>8}{'-':>11}"
+            notes.append(f"{mode}: llama.cpp {result.get('llamacpp_version')} on {result.get('gguf')} (mmap, "
+                         f"{(r.get('llamacpp') or {}).get('threads', '?')} threads); its page faults happen inside "
+                         "its compute, so only the whole token and the bytes read (/proc/self/io) are measured")
         lines.append(
-            f"{mode + ('*' if r.get('cut_at_s') is not None else ''):8}{tps:8.2f}{r['ms_per_token']:9.1f}{r['io_ms']:8.1f}{r['mem_ms']:8.2f}"
-            f"{r['compute_ms']:9.1f}{r['bytes_read_per_token'] / 1024:10.0f}{r['reads_per_token']:10.0f}"
-            f"{(thr or 0) / 1e6:8.0f}{(model_thr or 0) / 1e6:11.0f}{r['peak_rss_bytes'] / 2**20:9.0f}M")
+            f"{mode + ('*' if r.get('cut_at_s') is not None else ''):8}{tps:8.2f}{r['ms_per_token']:9.1f}{split}"
+            f"{r['bytes_read_per_token'] / 1024:10.0f}{reads}{rates}{r['peak_rss_bytes'] / 2**20:9.0f}M")
     lines += [f"* {n}" for n in notes]
     flash = result["modes"].get("flash", {})
     if flash.get("io_wait_ms") is not None:
@@ -371,7 +426,8 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise LLMFlashError("--plot needs matplotlib: pip install matplotlib") from None
-    modes = [m for m in result["modes"] if result["modes"][m]["ms_per_token"] is not None]
+    modes = [m for m in result["modes"] if result["modes"][m].get("ms_per_token") is not None
+             and result["modes"][m].get("split", True)]
     io = [result["modes"][m]["io_ms"] for m in modes]
     mem = [result["modes"][m]["mem_ms"] for m in modes]
     comp = [result["modes"][m]["compute_ms"] for m in modes]
