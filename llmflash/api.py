@@ -226,7 +226,7 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
          sparsity: str | None = None, density: float | None = None, dtype: str = "auto",
          threads: int = 32, reader: str = "auto", pin: float = 0.0,
          predictor_cost: str | None = None, context: int | None = None, lookahead: bool = False,
-         reads: str = "planned") -> Model:
+         overlap: bool = True, reads: str = "planned") -> Model:
     """Load a converted model (a directory written by `convert` or `synth`).
 
     mode: dense (all in DRAM), flash (ours), naive, hybrid, mmap (baselines).
@@ -247,6 +247,8 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     lookahead: flash mode reads the next layer's predicted neurons while this layer computes (a
         prefetch: the same tokens and logits either way). Off by default: on two shared cores it made
         7B-shaped tokens slower (docs/FLASH.md, "Overlap").
+    overlap: flash mode reads a token's new neurons in the background while the FFN over the
+        neurons already cached computes (kernel AIO; same tokens and logits either way).
     reads: flash mode's read policy - planned (the cost model merges neighbouring bundles), bundle
         (one read per bundle) or part (one read per weight matrix of a bundle, as an unbundled layout
         would issue): the paper's I/O ablation (docs/SCALE.md); same results, different requests.
@@ -256,7 +258,7 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
     context = context or DEFAULT_CONTEXT  # the engine and the memory plan agree on it
     options = RunOptions(mode=mode, memory=memory, window=window, sparsity=sparsity, density=density,
                          threads=threads, pin=pin, reader=reader, predictor_cost=predictor_cost,
-                         context=context, lookahead=lookahead, reads=reads)
+                         context=context, lookahead=lookahead, overlap=overlap, reads=reads)
     engine = Engine(Path(path).expanduser(), dtype=COMPUTE_DTYPES[dtype], ffn=ffn_factory(options),
                     context=context)
     return Model(engine, options)

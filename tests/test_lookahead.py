@@ -1,8 +1,9 @@
-"""The decode pipeline (docs/FLASH.md, "Overlap"): lookahead reads of layer l+1 during layer l.
+"""The decode pipeline (docs/FLASH.md, "Overlap"): a layer's new neurons read while the FFN over its
+cached rows computes (overlap, on by default), and lookahead reads of layer l+1 during layer l.
 
-The lookahead is a prefetch: a run with it must give the same tokens and bit-identical logits as a
-run without it, whether its guesses are good or deliberately wrong; its staging buffer is charged
-to the budget; the background reads return the bytes on disk.
+Both only change when bytes arrive: a run with either must give the same tokens and bit-identical
+logits as a run without it (the lookahead whether its guesses are good or deliberately wrong); the
+lookahead's staging buffer is charged to the budget; the background reads return the bytes on disk.
 """
 
 from __future__ import annotations
@@ -52,19 +53,21 @@ def budget(path: Path, ffn_share: float) -> str:
     return f"{plan.resident_bytes + plan.kv_bytes + selector.nbytes() + int(ffn * ffn_share) + 160 * plan.row_bytes}B"
 
 
-def flash(path: Path, lookahead: bool, memory: str) -> Engine:
-    return Engine(path, ffn=ffn_factory(RunOptions(mode="flash", memory=memory, window=3, lookahead=lookahead)))
+def flash(path: Path, lookahead: bool, memory: str, overlap: bool = True) -> Engine:
+    return Engine(path, ffn=ffn_factory(RunOptions(mode="flash", memory=memory, window=3, lookahead=lookahead,
+                                                   overlap=overlap)))
 
 
-def pair(path: Path, memory: str) -> tuple[Engine, Engine]:
+def pair(path: Path, memory: str, overlap: bool = False) -> tuple[Engine, Engine]:
     """Flash without and with the lookahead over the same memory plan (the one with the staging
-    buffer), so the caches have the same rows and the same selections give the same arithmetic."""
-    on = flash(path, True, memory)
+    buffer), so the caches have the same rows and the same selections give the same arithmetic.
+    overlap=True: the second engine has the in-layer overlap instead of the lookahead."""
+    on = flash(path, not overlap, memory, overlap=overlap)
     plan = on.ffn.plan
 
     def build(model_dir, dtype):
         selector = make_selector(model_dir, resolve_sparsity(model_dir, None, "flash"), dtype)
-        return FlashFFN(model_dir, dtype, selector, plan, 3, FlashReader(), lookahead=False)
+        return FlashFFN(model_dir, dtype, selector, plan, 3, FlashReader(), lookahead=False, overlap=False)
 
     return Engine(path, ffn=build), on
 
@@ -112,6 +115,24 @@ def test_same_logits_with_and_without_lookahead(relu, share):
         assert sum(log.streamed) > 0
 
 
+@pytest.mark.parametrize("share", [1.0, 0.3, 0.05])
+def test_same_logits_with_and_without_overlap(relu, share):
+    """The in-layer overlap reads a token's new neurons while the cached rows compute: bit-identical
+    logits and the same bundles loaded as reading first (same plan), some I/O hidden, nothing of
+    the lookahead's."""
+    off, on = pair(relu, budget(relu, share), overlap=True)
+    assert on.ffn.overlap and on.ffn.can_overlap and not off.ffn.overlap and not on.ffn.lookahead
+    for a, b in zip(run_logits(off), run_logits(on)):
+        assert torch.equal(a, b)
+    assert on.ffn.log.neurons_loaded == off.ffn.log.neurons_loaded
+    assert on.ffn.log.bytes == off.ffn.log.bytes
+    assert sum(on.ffn.log.io_hidden_s) > 0 and sum(off.ffn.log.io_hidden_s) == 0
+    assert sum(on.ffn.log.la_fetched) == 0
+    assert on.ffn.caches[0].unfilled_rows().size == 0  # every background read landed in its rows
+    if share == 0.05:
+        assert sum(on.ffn.log.streamed) > 0
+
+
 def test_deliberately_wrong_lookahead_changes_nothing(relu):
     off, bad = pair(relu, budget(relu, 0.3))
     bad.ffn.selector = WrongGuess(bad.ffn.selector)
@@ -128,7 +149,7 @@ def test_generate_tokens_and_stats(relu):
     """A run with the lookahead on against one without (its own plan: no staging buffer, so a
     few more cache rows): the same tokens."""
     memory = budget(relu, 0.3)
-    a = flash(relu, False, memory).generate(PROMPT, 8, stop_at_eos=False)
+    a = flash(relu, False, memory, overlap=False).generate(PROMPT, 8, stop_at_eos=False)
     b = flash(relu, True, memory).generate(PROMPT, 8, stop_at_eos=False)
     assert a.token_ids == b.token_ids
     s = b.stats
@@ -236,3 +257,26 @@ def test_replayed_lookahead_is_degraded_as_stated():
     assert abs(np.mean(recall) - LOOKAHEAD_RECALL) < 0.02
     assert abs(np.mean(ratio) - LOOKAHEAD_RATIO) < 0.02
     assert "synthetic" in sel.lookahead_kind and sel.summary()["lookahead_synthetic"]["recall"] == LOOKAHEAD_RECALL
+
+
+def test_a_pass_that_raises_mid_overlap_leaves_a_consistent_cache(relu):
+    """A pass interrupted while a layer's new neurons are in flight (Ctrl-C in `chat`): the batch is
+    waited out, that layer starts over, and the next generation gives what a fresh engine gives."""
+    memory = budget(relu, 0.3)
+    engine = flash(relu, False, memory)
+    engine.generate(PROMPT, 4, stop_at_eos=False)
+    ffn = engine.ffn
+    real = ffn._ffn_cached_except
+
+    def interrupted(*args):
+        assert ffn._in_layer is not None  # the new rows' reads are in flight right now
+        raise KeyboardInterrupt
+
+    ffn._ffn_cached_except = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(STEPS, 4, stop_at_eos=False)
+    ffn._ffn_cached_except = real
+    after = engine.generate(STEPS, 6, stop_at_eos=False)
+    fresh = flash(relu, False, memory).generate(STEPS, 6, stop_at_eos=False)
+    assert after.token_ids == fresh.token_ids
+    assert ffn._in_layer is None and all(c.unfilled_rows().size == 0 for c in ffn.caches)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                          dtype=args.dtype, limit_memory=not args.no_limit, pin=args.pin,
                          threads=args.threads, reader=args.reader, density=args.density,
                          max_seconds=args.max_seconds, predictor_cost=args.predictor_cost, context=args.context,
-                         lookahead=args.lookahead, reads=args.reads, gguf=args.gguf,
+                         lookahead=args.lookahead, reads=args.reads, gguf=args.gguf, overlap=args.overlap,
                          progress=lambda msg: print(msg, file=sys.stderr))
     print(bench.table(result))
     if args.json:

@@ -81,6 +81,10 @@ def add_run_options(p: argparse.ArgumentParser, mode: bool = True) -> None:
                    help="flash: read the next layer's predicted neurons while this layer computes (same "
                         "results; off by default: it measured slower at 7B on 2 cores, docs/FLASH.md "
                         "\"Overlap\")")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="flash: read a token's new neurons in the background while the FFN over the neurons "
+                        "already cached computes (same results; on by default; --no-overlap reads first, "
+                        "then computes)")
     g.add_argument("--reads", default="planned", choices=("planned", "bundle", "part"),
                    help="flash: how bundles become reads - planned (default: the cost model merges "
                         "neighbours), bundle (one read each: read planning off), part (one read per weight "
@@ -107,4 +111,4 @@ def load_options(args: argparse.Namespace) -> dict:
     return {"mode": args.mode, "memory": args.memory, "window": args.window, "sparsity": args.sparsity,
             "density": args.density, "dtype": args.dtype, "threads": args.threads, "reader": args.reader,
             "pin": args.pin, "predictor_cost": args.predictor_cost, "context": args.context,
-            "lookahead": args.lookahead, "reads": args.reads}
+            "lookahead": args.lookahead, "overlap": args.overlap, "reads": args.reads}

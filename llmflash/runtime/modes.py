@@ -45,6 +45,7 @@ class RunOptions:
     context: int | None = None  # longest sequence (prompt + generated) in tokens; its KV cache is charged
     predictor_cost: str | None = None  # flash: run and charge a stand-in predictor (runtime.trace_selector)
     lookahead: bool = False  # flash: read the next layer's predicted bundles while this one computes
+    overlap: bool = True  # flash: read a token's new neurons while the FFN over the cached rows computes
     reads: str = "planned"  # flash: planned | bundle | part (read_planner.READS; the I/O ablation)
 
     def check(self) -> None:
@@ -113,7 +114,7 @@ def ffn_factory(options: RunOptions):
                            window=options.window, scratch_share=SCRATCH_SHARE, context=options.context,
                            lookahead_share=LOOKAHEAD_SHARE if options.lookahead else 0.0)
         return providers.FlashFFN(model_dir, dtype, selector, plan, options.window, reader, pin=options.pin,
-                                  lookahead=options.lookahead)
+                                  lookahead=options.lookahead, overlap=options.overlap)
 
     def precheck(model_dir: FlashModelDir, dtype: torch.dtype) -> None:
         """Engine calls this before loading weights: the resident part alone must fit the budget."""

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llmflash.runtime.neuron_cache import NeuronCache
-from llmflash.runtime.ffn import BundleSlices, ffn_from_rows
+from llmflash.compute import matmul_rows
+from llmflash.runtime.neuron_cache import AdmitPlan, NeuronCache
+from llmflash.runtime.ffn import BundleSlices, ffn_from_rows, ffn_intermediate
 from llmflash.runtime.quant_ffn import quant_rows_ffn
 from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
@@ -183,11 +184,18 @@ class FlashFFN(_FlashBacked):
 
     def __init__(self, model_dir: FlashModelDir, dtype: torch.dtype, selector: NeuronSelector,
                  plan: MemoryPlan, window: int, reader: FlashReader | None = None,
-                 pin: float = 0.0, lookahead: bool = False):
+                 pin: float = 0.0, lookahead: bool = False, overlap: bool = True):
         super().__init__(model_dir, dtype, reader)
         self.selector = selector
         self.plan = plan
         self.window = window
+        # In-layer overlap (docs/FLASH.md, "Overlap"): a token's new neurons are read by kernel AIO
+        # while the FFN over the rows already cached computes; their staging buffer grows to the
+        # largest such read, like the reader's own (fixed overhead, not the budget).
+        self.overlap = bool(overlap)
+        self.can_overlap = self.reader.can_submit(self.file)
+        self._overlap_staging = aligned_empty(0)
+        self._in_layer: tuple[int, PendingRead] | None = None  # (layer, batch) of new neurons in flight
         # The pipeline (docs/FLASH.md, "Overlap"): layer l+1's predicted bundles are read into a
         # staging buffer (charged by the plan) while layer l computes, by kernel AIO, no thread.
         # Where reads cannot run in the background (no AIO, buffered file) it stays off.
@@ -249,7 +257,8 @@ class FlashFFN(_FlashBacked):
         t0 = time.perf_counter()
         ids = self.selector.select(layer, x).ids()
         self.log.add(select_s=time.perf_counter() - t0)
-        overflow = self._admit(layer, ids)
+        plan, pending, new_rows = self._admit(layer, ids, overlap=self.overlap and not self.quant)
+        overflow = plan.dropped
         streamed = None
         if len(overflow):
             # the first wave of the overflow (usually all of it) is fetched before the next
@@ -267,6 +276,15 @@ class FlashFFN(_FlashBacked):
             rows = cache.rows_of(ids)
             rows = rows[rows >= 0]  # the overflow is streamed below
             y = self._ffn(layer, x, cache.rows.index_select(0, torch.from_numpy(rows)), cache.row_neuron[rows])
+        elif len(plan):
+            # The rows cached before this token first (the new rows' activations masked), while
+            # the new rows' reads are in flight when they were submitted in the background; then
+            # the new rows. The same arithmetic whether the reads overlapped or not (docs/FLASH.md,
+            # "Overlap"), so --no-overlap and the lookahead give the same logits.
+            y = self._ffn_cached_except(x, cache, plan.rows)
+            if pending is not None:
+                new_rows = self._finish_admit(layer, cache, plan, pending)
+            y += self._ffn(layer, x, new_rows, plan.neurons)
         else:
             y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
         if len(overflow):
@@ -276,6 +294,16 @@ class FlashFFN(_FlashBacked):
             self.reader.progress(self._prefetch.pending)  # more of a large batch in flight
             self.log.add(io_s=time.perf_counter() - t0)
         return y
+
+    def _ffn_cached_except(self, x: torch.Tensor, cache: NeuronCache, new_rows: np.ndarray) -> torch.Tensor:
+        """FFN over the used rows with the activations of `new_rows` set to zero: the neurons
+        cached before this step. The new rows may still hold an evicted neuron's bundle or the
+        zeros they were allocated with (always finite), and their reads may be in flight into a
+        staging buffer, never into these rows; a zero activation takes them out exactly."""
+        rows = cache.rows[: cache.n_used]  # the new rows are admitted but not filled yet
+        h = ffn_intermediate(x, rows, self.slices, self.act, self.threshold)
+        h[:, torch.from_numpy(new_rows)] = 0
+        return matmul_rows(h, rows[:, self.slices.down])
 
     def _stream_wave(self, layer: int, neurons: np.ndarray, start: int) -> torch.Tensor:
         """Wave `start` of the overflow `neurons` (sorted) read into the scratch rows."""
@@ -374,6 +402,11 @@ class FlashFFN(_FlashBacked):
             if not self._prefetch.reaped:
                 self.reader.wait(self._prefetch.pending)
             self._prefetch = None
+        if self._in_layer is not None:  # its rows were admitted but never filled: start that layer over
+            layer, pending = self._in_layer
+            self.reader.wait(pending)
+            self.caches[layer].reset()
+            self._in_layer = None
         if self._chunk is not None:
             self.reader.wait(self._chunk[1])
             self._chunk = None
@@ -418,30 +451,71 @@ class FlashFFN(_FlashBacked):
             self.verified_bundles += n
         return out
 
-    def _admit(self, layer: int, ids: np.ndarray) -> np.ndarray:
-        """Bring the selection into the cache; returns the selected neurons that did not fit."""
+    def _admit(self, layer: int, ids: np.ndarray, overlap: bool = False
+               ) -> tuple[AdmitPlan, PendingRead | None, torch.Tensor | None]:
+        """Bring the selection into the cache: the plan (its `dropped`: selected neurons that did
+        not fit), and either the reads of its new neurons started in the background (`overlap`,
+        kernel AIO, unless the lookahead is on; `_finish_admit` completes them) or the new
+        neurons' rows, read and filled now."""
         cache = self.caches[layer]
         t0 = time.perf_counter()
         plan = cache.step(ids)
         mem = time.perf_counter() - t0
         self._last_loaded = len(plan)
-        if len(plan):
-            raw = self._fetch(layer, plan.neurons, self._fill_target(cache, plan))
-            t1 = time.perf_counter()
-            cache.fill(plan, self._as_rows(raw))  # nothing to copy where raw is the rows themselves
-            mem += time.perf_counter() - t1
-        self.log.add(mem_s=mem, neurons_loaded=len(plan), neurons_selected=len(ids), rows_used=cache.n_used,
+        self.log.add(mem_s=mem, neurons_loaded=len(plan), neurons_selected=len(ids),
                      window_shrunk=int(plan.window_used < min(self.window, cache.t + 1)),
                      streamed=len(plan.dropped))
-        return plan.dropped
+        pending, new_rows = None, None
+        # one background batch at a time: with the lookahead on, its batches take the turn
+        background = overlap and len(plan) and self.can_overlap and not self.lookahead
+        if background:
+            pending = self._submit(layer, plan.neurons)
+        elif len(plan):
+            run = cache.run_of(plan) if self._scratch_bytes is not None else None
+            raw = self._fetch(layer, plan.neurons, None if run is None else cache.rows[run].view(torch.uint8).numpy())
+            t1 = time.perf_counter()
+            new_rows = cache.rows[run] if run is not None else self._as_rows(raw).to(cache.rows.dtype)
+            cache.fill(plan, new_rows)  # nothing to copy where raw is the rows themselves
+            self.log.add(mem_s=time.perf_counter() - t1)
+        self.log.add(rows_used=cache.n_used)
+        return plan, pending, new_rows
 
-    def _fill_target(self, cache: NeuronCache, plan) -> np.ndarray | None:
-        """The cache rows a plan fills, as bytes, where the bundles can be gathered straight into
-        them: rows held as stored (or quantized bytes) and admitted as one contiguous run (new
-        neurons are appended; only holes reused in the middle make a run scattered). Saves a copy
-        of every bundle read: 95 ms of a 2 s OPT-6.7B token in the profile (docs/SCALE.md)."""
-        run = None if self._scratch_bytes is None else cache.run_of(plan)
-        return None if run is None else cache.rows[run].view(torch.uint8).numpy()
+    def _submit(self, layer: int, neurons: np.ndarray) -> PendingRead:
+        """Start reading `neurons`' bundles (ascending) into the overlap staging buffer."""
+        slots = self.slot_of[layer][neurons]
+        offset = self.dir.layers[layer].offset
+        plan = plan_reads(slots, self.bundle_bytes, offset, self.reader.profile, self.file.align,
+                          self.reader.max_read_bytes, reads=self.reader.reads, part_cuts=self.reader.part_cuts)
+        if plan.staging_bytes > self._overlap_staging.size:  # grown geometrically, like the reader's
+            self._overlap_staging = aligned_empty(max(plan.staging_bytes, 2 * self._overlap_staging.size), PAGE_SIZE)
+        pending = self.reader.submit_bundles(self.file, offset, self.bundle_bytes, slots, plan, self._overlap_staging)
+        self._in_layer = (layer, pending)
+        self.log.add(io_s=pending.submit_s, bytes=plan.total_bytes, reads=plan.n_reads, io_model_s=pending.model_s)
+        return pending
+
+    def _finish_admit(self, layer: int, cache: NeuronCache, plan: AdmitPlan, pending: PendingRead) -> torch.Tensor:
+        """Wait for the new neurons' background reads, check them and fill their rows; the rows."""
+        self.reader.wait(pending)
+        self._in_layer = None
+        waited = pending.waited_s - pending.submit_s  # the submit was logged when it happened
+        self.log.add(io_s=waited, io_hidden_s=self._hidden(pending, waited))
+        t0 = time.perf_counter()
+        run = cache.run_of(plan) if self._scratch_bytes is not None else None
+        out = (cache.rows[run].view(torch.uint8).numpy() if run is not None
+               else np.empty((len(plan), self.bundle_bytes), dtype=np.uint8))
+        rp = pending.plan
+        gather_bundles(pending.dest[: rp.staging_bytes], rp.slot_positions, self.bundle_bytes, out)
+        self.log.add(mem_s=time.perf_counter() - t0)
+        if self.checks is not None:
+            t1 = time.perf_counter()
+            self.checks.verify(layer, self.slot_of[layer][plan.neurons], out)
+            self.verify_s += time.perf_counter() - t1
+            self.verified_bundles += len(plan)
+        t2 = time.perf_counter()
+        rows = cache.rows[run] if run is not None else self._as_rows(out).to(cache.rows.dtype)
+        cache.fill(plan, rows)
+        self.log.add(mem_s=time.perf_counter() - t2)
+        return rows
 
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window.
@@ -526,6 +600,13 @@ class FlashFFN(_FlashBacked):
                 "pinned_load": self.pinned_load,
                 "direct_io": self.file.direct,
                 "lookahead": self._lookahead_summary(),
+                "overlap": {"on": bool(self.overlap and self.can_overlap and not self.lookahead and not self.quant),
+                            "requested": self.overlap,
+                            "off_because": None if not self.overlap or (self.can_overlap and not self.lookahead
+                                                                        and not self.quant) else
+                            ("reads cannot run in the background here (needs kernel AIO and O_DIRECT)"
+                             if not self.can_overlap else "the lookahead is on (one background batch at a time)"
+                             if self.lookahead else "quantized rows (not pipelined yet)")},
                 "verify": {"bundles": self.verified_bundles, "ms": round(self.verify_s * 1000, 3),
                            "algorithm": None if self.checks is None else "xxh3_64"}}
 

@@ -260,7 +260,7 @@ def _pipeline(s: dict) -> dict:
     recalls = [r for r in s["lookahead_recall"] if r is not None]
     return {"io_wait_ms": _median(s["io_wait_ms"]), "io_hidden_ms": _median(s["io_hidden_ms"]),
             "io_hidden_ms_p10_p90": _p10_p90(s["io_hidden_ms"]),
-            "lookahead": s.get("lookahead"),
+            "lookahead": s.get("lookahead"), "overlap": s.get("overlap"),
             "lookahead_recall": sum(recalls) / len(recalls) if recalls else None,
             "lookahead_bytes_per_token": _median(s["lookahead_bytes"]),
             "lookahead_wasted_bytes_per_token": _median(s["lookahead_wasted_bytes"])}
@@ -271,7 +271,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
           dtype: str = "auto", limit_memory: bool = True, pin: float = 0.0,
           threads: int = 32, reader: str = "auto", density: float | None = None,
           max_seconds: float | None = None, predictor_cost: str | None = None, context: int | None = None,
-          lookahead: bool = False, reads: str = "planned", gguf: Path | None = None, progress=print) -> dict:
+          lookahead: bool = False, reads: str = "planned", gguf: Path | None = None, overlap: bool = True,
+          progress=print) -> dict:
     from llmflash.runtime.memory_plan import resolve_context
     from llmflash.tools.llamacpp_peer import installed
 
@@ -302,7 +303,7 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
               "sparsity": sparsity, "prompt_tokens": len(ids), "tokens": tokens, "dtype": dtype,
               "runtime_overhead_bytes": overhead, "device_profile": profile.to_dict(),
               "max_seconds": max_seconds, "predictor_cost": predictor_cost, "context": context,
-              "lookahead": lookahead, "reads": reads, "modes": {},
+              "lookahead": lookahead, "overlap": overlap, "reads": reads, "modes": {},
               **({"gguf": str(gguf), "llamacpp_version": peer} if "llamacpp" in modes else {})}
     bandwidth = result["memory_bandwidth"] = copy_bandwidth()
     for mode in modes:
@@ -318,6 +319,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
             extra += ("--predictor-cost", predictor_cost)
         if mode == "flash" and lookahead:
             extra += ("--lookahead",)
+        if mode == "flash" and not overlap:
+            extra += ("--no-overlap",)
         if mode == "flash" and reads != "planned":  # the I/O ablation: read planning / bundling off
             extra += ("--reads", reads)
         if mode == "llamacpp":
@@ -400,8 +403,17 @@ def table(result: dict) -> str:
                 f"(wasted); recall {'-' if recall is None else f'{recall:.3f}'} of the bundles needed from flash; "
                 f"guess: {la.get('guess')}")
         else:
+            ov = flash.get("overlap") or {}
             why = la.get("off_because")
-            lines.append("flash pipeline: lookahead off" + (f" ({why})" if why else " (the default; --lookahead turns it on)"))
+            line = "flash pipeline: lookahead off" + (f" ({why})" if why else " (the default; --lookahead turns it on)")
+            if ov.get("on"):
+                line = (f"flash pipeline: overlap on (a token's new neurons read while the cached rows compute): "
+                        f"per token waited on I/O {flash['io_wait_ms']:.1f} ms (the io ms column), I/O hidden behind "
+                        f"compute {flash['io_hidden_ms']:.1f} ms (estimated); " + line[len("flash pipeline: "):])
+            else:
+                line += "; overlap off" + (f" ({ov['off_because']})" if ov.get("off_because") else
+                                           " (--no-overlap)" if ov else "")
+            lines.append(line)
     bw = result.get("memory_bandwidth")
     dense = result["modes"].get("dense", {})
     if bw:

@@ -6,7 +6,7 @@ memory-maps the weights (its default, what users run when a model does not fit),
 limit the kernel pages them in and out as the tokens need them.
 
 Same prompt ids, greedy (argmax of the logits) as `generate --ignore-eos`; one `llama_decode` per
-token. Per token: its wall time, and the bytes this process caused to be read from storage
+token; weight repacking off (llama.cpp's `--no-repack`, see `LlamaCpp`). Per token: its wall time, and the bytes this process caused to be read from storage
 (/proc/self/io, which counts mmap page faults). llama.cpp's page faults happen inside its compute,
 so its token is reported as one number (`split: false`): bench shows no I/O/compute split for it.
 
@@ -38,27 +38,63 @@ def installed() -> str | None:
         return "unknown"
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's C bindings: one model, one context, greedy steps.
+
+    The C API, not the `Llama` class, because the class cannot turn off llama.cpp's extra buffer
+    types: on a CPU with AMX (this machine) llama.cpp by default copies every float16 weight into
+    an AMX-packed anonymous buffer (12.6 GB for a 7B model), which needs the whole model in RAM and
+    is killed under a half-size memory limit. `repack=False` is llama.cpp's `--no-repack`: the
+    weights are used in place from the mapping, the setup that can run in less memory than the model.
+    """
+
+    def __init__(self, gguf: str, context: int, batch: int, threads: int, repack: bool = False):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        mp.use_extra_bufts = repack
+        self.model = llama_cpp.llama_model_load_from_file(gguf.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {gguf}")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = context, batch, batch
+        cp.n_threads, cp.n_threads_batch = threads, threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {context} tokens for {gguf}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    def step(self, ids: list[int]):
+        """Decode `ids` (appended to the sequence); the logits after the last one (float32 view)."""
+        import numpy as np
+
+        lib = self.lib
+        tokens = (lib.llama_token * len(ids))(*ids)
+        rc = lib.llama_decode(self.ctx, lib.llama_batch_get_one(tokens, len(ids)))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+
+    def close(self) -> None:
+        self.lib.llama_free(self.ctx)
+        self.lib.llama_model_free(self.model)
+
+
 def run(gguf: str, prompt_ids: list[int], tokens: int, threads: int, context: int,
-        max_seconds: float | None) -> dict:
+        max_seconds: float | None, repack: bool = False) -> dict:
     import numpy as np
-    import llama_cpp
 
     started = time.perf_counter()
     read0 = process_read_bytes()
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=context, n_batch=max(len(prompt_ids), 1),
-                          n_threads=threads, n_threads_batch=threads, use_mmap=True, use_mlock=False,
-                          logits_all=False, verbose=False)
-    n_vocab = llm.n_vocab()
-
-    def last_logits() -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-
+    llm = LlamaCpp(gguf, context, max(len(prompt_ids), 1), threads, repack)
     load_s = time.perf_counter() - started
     read_load = process_read_bytes()
     t0 = time.perf_counter()
-    llm.eval(prompt_ids)
+    out = [int(np.argmax(llm.step(prompt_ids)))]
     prefill_s = time.perf_counter() - t0
-    out = [int(np.argmax(last_logits()))]
     read_prev = process_read_bytes()
     prefill_bytes = read_prev - read_load
     step_ms, step_bytes = [], []
@@ -68,13 +104,13 @@ def run(gguf: str, prompt_ids: list[int], tokens: int, threads: int, context: in
             finish = "time"
             break
         t0 = time.perf_counter()
-        llm.eval([out[-1]])
-        nxt = int(np.argmax(last_logits()))
+        nxt = int(np.argmax(llm.step([out[-1]])))
         step_ms.append(round((time.perf_counter() - t0) * 1000, 4))
         now = process_read_bytes()
         step_bytes.append(now - read_prev)
         read_prev = now
         out.append(nxt)
+    llm.close()
     decode_s = sum(step_ms) / 1000
     zeros = [0.0] * len(step_ms)
     return {
@@ -88,7 +124,7 @@ def run(gguf: str, prompt_ids: list[int], tokens: int, threads: int, context: in
                   "bytes_read": process_read_bytes() - read0, "load_bytes": read_load - read0,
                   "prefill": {"bytes": prefill_bytes},
                   "llamacpp": {"version": installed(), "threads": threads, "context": context,
-                               "use_mmap": True, "gguf": gguf}},
+                               "use_mmap": True, "repack": repack, "gguf": gguf}},
         "peak_rss_bytes": peak_rss_bytes(),
     }
 
@@ -101,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--context", type=int, required=True)
     p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--repack", action="store_true", help="llama.cpp's default weight repacking (AMX etc.): "
+                                                          "copies the weights out of the mapping")
     args = p.parse_args(argv)
     ids = [int(t) for t in args.ids.split(",") if t]
-    result = run(args.gguf, ids, args.max_new_tokens, args.threads, args.context, args.max_seconds)
+    result = run(args.gguf, ids, args.max_new_tokens, args.threads, args.context, args.max_seconds, args.repack)
     json.dump(result, sys.stdout)
     return 0
 
