@@ -19,11 +19,11 @@ import torch
 
 import tiny_models
 from llmflash.conversion.writer import convert
-from llmflash.format.layout import FlashModelDir
+from llmflash.format.layout import QUANTIZED_ROWS, FlashModelDir
 from llmflash.runtime.engine import Engine
 from llmflash.runtime.kernel_aio import KernelAIO, kernel_aio_available
 from llmflash.runtime.memory_plan import plan_memory
-from llmflash.runtime.modes import RunOptions, ffn_factory
+from llmflash.runtime.modes import RunOptions, ffn_factory, selector_dtype
 from llmflash.runtime.providers import FlashFFN
 from llmflash.runtime.reader import FlashFile, FlashReader, aligned_empty
 from llmflash.runtime.read_planner import plan_reads
@@ -47,8 +47,9 @@ def budget(path: Path, ffn_share: float) -> str:
     """Resident part + KV + the exact selector's copy + `ffn_share` of the FFN + room for scratch
     and staging rows (tiny models are mostly resident)."""
     d = FlashModelDir(path)
-    plan = plan_memory(d, "100%", torch.float32)
-    selector = make_selector(d, resolve_sparsity(d, None, "flash"), torch.float32)
+    held = QUANTIZED_ROWS if d.quantized else torch.float32  # what the engine holds weights at
+    plan = plan_memory(d, "1GiB", held)  # only its sizes are used
+    selector = make_selector(d, resolve_sparsity(d, None, "flash"), selector_dtype(d, held))
     ffn = plan.row_bytes * plan.neurons_per_layer * plan.layers
     return f"{plan.resident_bytes + plan.kv_bytes + selector.nbytes() + int(ffn * ffn_share) + 160 * plan.row_bytes}B"
 
@@ -66,7 +67,7 @@ def pair(path: Path, memory: str, overlap: bool = False) -> tuple[Engine, Engine
     plan = on.ffn.plan
 
     def build(model_dir, dtype):
-        selector = make_selector(model_dir, resolve_sparsity(model_dir, None, "flash"), dtype)
+        selector = make_selector(model_dir, resolve_sparsity(model_dir, None, "flash"), selector_dtype(model_dir, dtype))
         return FlashFFN(model_dir, dtype, selector, plan, 3, FlashReader(), lookahead=False, overlap=False)
 
     return Engine(path, ffn=build), on
@@ -131,6 +132,18 @@ def test_same_logits_with_and_without_overlap(relu, share):
     assert on.ffn.caches[0].unfilled_rows().size == 0  # every background read landed in its rows
     if share == 0.05:
         assert sum(on.ffn.log.streamed) > 0
+
+
+def test_same_logits_with_and_without_overlap_on_quantized_rows(tmp_path_factory):
+    """int8 rows (dequantized per token, the selection's rows only): the same split, the same bits."""
+    base = tmp_path_factory.mktemp("overlap-int8")
+    tiny_models.build("llama-relu", base / "hf")
+    path = convert(base / "hf", base / "flash", dtype="int8", progress=False).path
+    off, on = pair(path, budget(path, 0.3), overlap=True)
+    assert on.ffn.quant and on.ffn.summary()["overlap"]["on"]
+    for a, b in zip(run_logits(off), run_logits(on)):
+        assert torch.equal(a, b)
+    assert on.ffn.log.neurons_loaded == off.ffn.log.neurons_loaded and sum(on.ffn.log.io_hidden_s) > 0
 
 
 def test_deliberately_wrong_lookahead_changes_nothing(relu):

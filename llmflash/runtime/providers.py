@@ -190,17 +190,17 @@ class FlashFFN(_FlashBacked):
         self.plan = plan
         self.window = window
         # In-layer overlap (docs/FLASH.md, "Overlap"): a token's new neurons are read by kernel AIO
-        # while the FFN over the rows already cached computes; their staging buffer grows to the
-        # largest such read, like the reader's own (fixed overhead, not the budget).
+        # into the reader's staging buffer while the FFN over the rows already cached computes.
         self.overlap = bool(overlap)
         self.can_overlap = self.reader.can_submit(self.file)
-        self._overlap_staging = aligned_empty(0)
         self._in_layer: tuple[int, PendingRead] | None = None  # (layer, batch) of new neurons in flight
+        # with the lookahead on, its batches take the one background turn (kernel_aio: a batch per context)
         # The pipeline (docs/FLASH.md, "Overlap"): layer l+1's predicted bundles are read into a
         # staging buffer (charged by the plan) while layer l computes, by kernel AIO, no thread.
         # Where reads cannot run in the background (no AIO, buffered file) it stays off.
         self.lookahead = bool(lookahead and plan.lookahead_bytes > 0 and self.reader.can_submit(self.file))
         self.lookahead_requested = bool(lookahead)
+        self._overlap_on = self.overlap and self.can_overlap and not self.lookahead
         self._la_staging = aligned_empty(plan.lookahead_bytes, PAGE_SIZE) if self.lookahead else None
         self._prefetch: _Prefetch | None = None
         self._chunk: tuple[tuple[int, int, int], PendingRead] | None = None  # prompt chunk in flight
@@ -257,12 +257,13 @@ class FlashFFN(_FlashBacked):
         t0 = time.perf_counter()
         ids = self.selector.select(layer, x).ids()
         self.log.add(select_s=time.perf_counter() - t0)
-        plan, pending, new_rows = self._admit(layer, ids, overlap=self.overlap and not self.quant)
+        plan, pending, new_rows = self._admit(layer, ids, overlap=self._overlap_on)
         overflow = plan.dropped
         streamed = None
-        if len(overflow):
+        if len(overflow) and pending is None:
             # the first wave of the overflow (usually all of it) is fetched before the next
-            # layer's lookahead reads start, so they do not queue in front of it
+            # layer's lookahead reads start, so they do not queue in front of it (with the
+            # overlap, after the new neurons' batch: that batch has the reader's staging buffer)
             streamed = self._stream_wave(layer, np.sort(overflow), 0)
         self._release(layer)
         if self.lookahead:
@@ -275,7 +276,13 @@ class FlashFFN(_FlashBacked):
         if self.quant:  # quantized rows: dequantize and compute only this token's own selection
             rows = cache.rows_of(ids)
             rows = rows[rows >= 0]  # the overflow is streamed below
+            if len(plan):  # as below: the rows cached before this token, then the new ones
+                rows = rows[~np.isin(rows, plan.rows)]
             y = self._ffn(layer, x, cache.rows.index_select(0, torch.from_numpy(rows)), cache.row_neuron[rows])
+            if len(plan):
+                if pending is not None:
+                    new_rows = self._finish_admit(layer, cache, plan, pending)
+                y += self._ffn(layer, x, new_rows, plan.neurons)
         elif len(plan):
             # The rows cached before this token first (the new rows' activations masked), while
             # the new rows' reads are in flight when they were submitted in the background; then
@@ -455,8 +462,7 @@ class FlashFFN(_FlashBacked):
                ) -> tuple[AdmitPlan, PendingRead | None, torch.Tensor | None]:
         """Bring the selection into the cache: the plan (its `dropped`: selected neurons that did
         not fit), and either the reads of its new neurons started in the background (`overlap`,
-        kernel AIO, unless the lookahead is on; `_finish_admit` completes them) or the new
-        neurons' rows, read and filled now."""
+        kernel AIO; `_finish_admit` completes them) or the new neurons' rows, read and filled now."""
         cache = self.caches[layer]
         t0 = time.perf_counter()
         plan = cache.step(ids)
@@ -466,9 +472,7 @@ class FlashFFN(_FlashBacked):
                      window_shrunk=int(plan.window_used < min(self.window, cache.t + 1)),
                      streamed=len(plan.dropped))
         pending, new_rows = None, None
-        # one background batch at a time: with the lookahead on, its batches take the turn
-        background = overlap and len(plan) and self.can_overlap and not self.lookahead
-        if background:
+        if overlap and len(plan):
             pending = self._submit(layer, plan.neurons)
         elif len(plan):
             run = cache.run_of(plan) if self._scratch_bytes is not None else None
@@ -486,9 +490,9 @@ class FlashFFN(_FlashBacked):
         offset = self.dir.layers[layer].offset
         plan = plan_reads(slots, self.bundle_bytes, offset, self.reader.profile, self.file.align,
                           self.reader.max_read_bytes, reads=self.reader.reads, part_cuts=self.reader.part_cuts)
-        if plan.staging_bytes > self._overlap_staging.size:  # grown geometrically, like the reader's
-            self._overlap_staging = aligned_empty(max(plan.staging_bytes, 2 * self._overlap_staging.size), PAGE_SIZE)
-        pending = self.reader.submit_bundles(self.file, offset, self.bundle_bytes, slots, plan, self._overlap_staging)
+        # the reader's own staging buffer: no read of this reader runs before _finish_admit
+        pending = self.reader.submit_bundles(self.file, offset, self.bundle_bytes, slots, plan,
+                                             self.reader.staging_for(plan.staging_bytes))
         self._in_layer = (layer, pending)
         self.log.add(io_s=pending.submit_s, bytes=plan.total_bytes, reads=plan.n_reads, io_model_s=pending.model_s)
         return pending
@@ -545,7 +549,7 @@ class FlashFFN(_FlashBacked):
             t0 = time.perf_counter()
             scratch[:k].copy_(self._as_rows(raw[: k * self.bundle_bytes].reshape(k, -1)))
             self.log.add(mem_s=time.perf_counter() - t0)
-            if self.lookahead:  # the bytes are in the rows: the buffer takes the next chunk
+            if self.lookahead or self._overlap_on:  # the bytes are in the rows: the buffer takes the next chunk
                 if start + k < region.neurons:
                     self._submit_chunk(layer, start + k)
                 elif layer + 1 < len(self.caches):
@@ -600,13 +604,11 @@ class FlashFFN(_FlashBacked):
                 "pinned_load": self.pinned_load,
                 "direct_io": self.file.direct,
                 "lookahead": self._lookahead_summary(),
-                "overlap": {"on": bool(self.overlap and self.can_overlap and not self.lookahead and not self.quant),
+                "overlap": {"on": self._overlap_on,
                             "requested": self.overlap,
-                            "off_because": None if not self.overlap or (self.can_overlap and not self.lookahead
-                                                                        and not self.quant) else
+                            "off_because": None if not self.overlap or self._overlap_on else
                             ("reads cannot run in the background here (needs kernel AIO and O_DIRECT)"
-                             if not self.can_overlap else "the lookahead is on (one background batch at a time)"
-                             if self.lookahead else "quantized rows (not pipelined yet)")},
+                             if not self.can_overlap else "the lookahead is on (one background batch at a time)")},
                 "verify": {"bundles": self.verified_bundles, "ms": round(self.verify_s * 1000, 3),
                            "algorithm": None if self.checks is None else "xxh3_64"}}
 

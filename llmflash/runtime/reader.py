@@ -355,7 +355,7 @@ class FlashReader:
                 wanted, bundle_bytes, base_offset, self.profile, file.align, self.max_read_bytes,
                 reads=self.reads, part_cuts=self.part_cuts,
             )
-            staging = self._staging_for(plan.staging_bytes)
+            staging = self.staging_for(plan.staging_bytes)
             self._run_reads(file, staging, plan, self.threads)
             _gather(staging, plan, out)
             self.stats.add(plan.n_reads, plan.total_bytes, plan.wanted_bytes, time.perf_counter() - start,
@@ -372,8 +372,11 @@ class FlashReader:
             )
         return out
 
-    def _staging_for(self, nbytes: int) -> np.ndarray:
-        """The reusable staging buffer, grown geometrically so steady state never allocates."""
+    def staging_for(self, nbytes: int) -> np.ndarray:
+        """The reusable staging buffer, grown geometrically so steady state never allocates.
+
+        Also lent to a background batch (`submit_bundles`) whose caller waits for it before
+        the next read on this reader: one buffer, whichever way a token's bundles are read."""
         if nbytes > self._staging.size:
             grown = max(nbytes, 2 * self._staging.size)
             self._staging = aligned_empty(round_up(grown, PAGE_SIZE), PAGE_SIZE)
@@ -511,7 +514,7 @@ class FlashReader:
             elif direct_out:
                 dest = out
             else:
-                dest = self._staging_for(span)
+                dest = self.staging_for(span)
             plan = self._range_plan(start, span, length)
             self._run_reads(file, dest, plan, self.range_in_flight)
             if out is None:
