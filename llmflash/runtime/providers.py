@@ -294,6 +294,7 @@ class FlashFFN(_FlashBacked):
             y += self._ffn(layer, x, new_rows, plan.neurons)
         else:
             y = self._ffn(layer, x, cache.used_rows(), cache.row_neuron[: cache.n_used])
+        new_rows = None  # a temporary copy of the new rows where they are scattered: freed before the stream
         if len(overflow):
             y += self._stream(layer, x, np.sort(overflow), streamed)
         if self._prefetch is not None and not self._prefetch.reaped:
