@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +68,10 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
             os.chdir(ROOT)
+            # as on a user's terminal: a suite started in the background by a non-interactive shell
+            # (`make test &`) ignores SIGINT, and an ignored SIGINT is inherited across exec, so the
+            # chat would never see Ctrl-C
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(argv[0], argv)
         self.seen = ""
 
