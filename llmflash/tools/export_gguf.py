@@ -240,8 +240,10 @@ def export_gguf(model_path: Path | str, out: Path | str, force: bool = False, pr
         writer.write_ti_data_to_file()
         for gguf_name, shape, make, vector in plan:
             array = make()
-            if tuple(array.shape) != tuple(shape):
-                raise LLMFlashError(f"export-gguf: {gguf_name} came out {array.shape}, expected {shape}")
+            want = np.float32 if vector else _STORED[stored]
+            if tuple(array.shape) != tuple(shape) or array.dtype != want:
+                raise LLMFlashError(f"export-gguf: {gguf_name} came out {array.dtype} {array.shape} from "
+                                    f"{model.path}, expected {np.dtype(want)} {shape}")
             if stored == "bfloat16" and not vector:
                 array = array.view(np.uint8)
             writer.write_tensor_data(array)
