@@ -158,12 +158,16 @@ class _FlashBacked(_Logged):
         """The bundles at `slots` of `layer` (uint8 rows), each checked against its digest."""
         raw = self._read(self.reader.read_bundles, self.dir.layers[layer].offset, self.bundle_bytes,
                          slots, out)
+        self._verify(layer, slots, raw)
+        return raw
+
+    def _verify(self, layer: int, slots: np.ndarray, raw: np.ndarray) -> None:
+        """Check bundles read from `slots` against their digests (where the model has them), timed."""
         if self.checks is not None:
             t0 = time.perf_counter()
             self.checks.verify(layer, slots, raw)
             self.verify_s += time.perf_counter() - t0
             self.verified_bundles += len(slots)
-        return raw
 
     def _layer_rows(self, layer: int, buffer: np.ndarray) -> torch.Tensor:
         """A whole layer read from flash into `buffer` and viewed as rows (the baselines' path)."""
@@ -194,12 +198,12 @@ class FlashFFN(_FlashBacked):
         self.overlap = bool(overlap)
         self.can_overlap = self.reader.can_submit(self.file)
         self._in_layer: tuple[int, PendingRead] | None = None  # (layer, batch) of new neurons in flight
-        # with the lookahead on, its batches take the one background turn (kernel_aio: a batch per context)
         # The pipeline (docs/FLASH.md, "Overlap"): layer l+1's predicted bundles are read into a
         # staging buffer (charged by the plan) while layer l computes, by kernel AIO, no thread.
         # Where reads cannot run in the background (no AIO, buffered file) it stays off.
-        self.lookahead = bool(lookahead and plan.lookahead_bytes > 0 and self.reader.can_submit(self.file))
+        self.lookahead = bool(lookahead and plan.lookahead_bytes > 0 and self.can_overlap)
         self.lookahead_requested = bool(lookahead)
+        # with the lookahead on, its batches take the one background turn (kernel_aio: a batch per context)
         self._overlap_on = self.overlap and self.can_overlap and not self.lookahead
         self._la_staging = aligned_empty(plan.lookahead_bytes, PAGE_SIZE) if self.lookahead else None
         self._prefetch: _Prefetch | None = None
@@ -361,8 +365,7 @@ class FlashFFN(_FlashBacked):
         while True:
             neurons = np.sort(guess)
             slots = self.slot_of[layer][neurons]
-            plan = plan_reads(slots, self.bundle_bytes, offset, self.reader.profile, self.file.align,
-                              self.reader.max_read_bytes, reads=self.reader.reads, part_cuts=self.reader.part_cuts)
+            plan = self._plan_reads(layer, slots)
             if plan.staging_bytes <= staging.size:
                 break
             # merged gaps made it larger than the buffer: keep fewer, strongest first
@@ -452,11 +455,7 @@ class FlashFFN(_FlashBacked):
             miss = ~hit
             out[miss] = self._read(self.reader.read_bundles, self.dir.layers[layer].offset,
                                    self.bundle_bytes, slots[miss])
-        if self.checks is not None:
-            t0 = time.perf_counter()
-            self.checks.verify(layer, slots, out)
-            self.verify_s += time.perf_counter() - t0
-            self.verified_bundles += n
+        self._verify(layer, slots, out)
         return out
 
     def _admit(self, layer: int, ids: np.ndarray, overlap: bool = False
@@ -476,27 +475,42 @@ class FlashFFN(_FlashBacked):
         if overlap and len(plan):
             pending = self._submit(layer, plan.neurons)
         elif len(plan):
-            run = cache.run_of(plan) if self._scratch_bytes is not None else None
+            run = self._run(cache, plan)
             raw = self._fetch(layer, plan.neurons, None if run is None else cache.rows[run].view(torch.uint8).numpy())
-            t1 = time.perf_counter()
-            new_rows = cache.rows[run] if run is not None else self._as_rows(raw).to(cache.rows.dtype)
-            cache.fill(plan, new_rows)  # nothing to copy where raw is the rows themselves
-            self.log.add(mem_s=time.perf_counter() - t1)
+            new_rows = self._fill(cache, plan, run, raw)
         self.log.add(rows_used=cache.n_used)
         return plan, pending, new_rows
+
+    def _plan_reads(self, layer: int, slots: np.ndarray):
+        """The reads for `slots` of `layer`, planned as the reader plans its own (background batches)."""
+        return plan_reads(slots, self.bundle_bytes, self.dir.layers[layer].offset, self.reader.profile,
+                          self.file.align, self.reader.max_read_bytes, reads=self.reader.reads,
+                          part_cuts=self.reader.part_cuts)
 
     def _submit(self, layer: int, neurons: np.ndarray) -> PendingRead:
         """Start reading `neurons`' bundles (ascending) into the overlap staging buffer."""
         slots = self.slot_of[layer][neurons]
-        offset = self.dir.layers[layer].offset
-        plan = plan_reads(slots, self.bundle_bytes, offset, self.reader.profile, self.file.align,
-                          self.reader.max_read_bytes, reads=self.reader.reads, part_cuts=self.reader.part_cuts)
+        plan = self._plan_reads(layer, slots)
         # the reader's own staging buffer: no read of this reader runs before _finish_admit
-        pending = self.reader.submit_bundles(self.file, offset, self.bundle_bytes, slots, plan,
-                                             self.reader.staging_for(plan.staging_bytes))
+        pending = self.reader.submit_bundles(self.file, self.dir.layers[layer].offset, self.bundle_bytes, slots,
+                                             plan, self.reader.staging_for(plan.staging_bytes))
         self._in_layer = (layer, pending)
         self.log.add(io_s=pending.submit_s, bytes=plan.total_bytes, reads=plan.n_reads, io_model_s=pending.model_s)
         return pending
+
+    def _run(self, cache: NeuronCache, plan: AdmitPlan) -> slice | None:
+        """The plan's rows where bundles can be gathered straight into them: held as stored (or
+        quantized bytes) and one contiguous run; else None (gathered into a temporary, then copied)."""
+        return cache.run_of(plan) if self._scratch_bytes is not None else None
+
+    def _fill(self, cache: NeuronCache, plan: AdmitPlan, run: slice | None, raw: np.ndarray) -> torch.Tensor:
+        """Fill the plan's rows from `raw` (nothing to copy where raw is the rows themselves); the
+        new rows, for the FFN over them."""
+        t0 = time.perf_counter()
+        rows = cache.rows[run] if run is not None else self._as_rows(raw).to(cache.rows.dtype)
+        cache.fill(plan, rows)
+        self.log.add(mem_s=time.perf_counter() - t0)
+        return rows
 
     def _finish_admit(self, layer: int, cache: NeuronCache, plan: AdmitPlan, pending: PendingRead) -> torch.Tensor:
         """Wait for the new neurons' background reads, check them and fill their rows; the rows."""
@@ -505,22 +519,14 @@ class FlashFFN(_FlashBacked):
         waited = pending.waited_s - pending.submit_s  # the submit was logged when it happened
         self.log.add(io_s=waited, io_hidden_s=self._hidden(pending, waited))
         t0 = time.perf_counter()
-        run = cache.run_of(plan) if self._scratch_bytes is not None else None
+        run = self._run(cache, plan)
         out = (cache.rows[run].view(torch.uint8).numpy() if run is not None
                else np.empty((len(plan), self.bundle_bytes), dtype=np.uint8))
         rp = pending.plan
         gather_bundles(pending.dest[: rp.staging_bytes], rp.slot_positions, self.bundle_bytes, out)
         self.log.add(mem_s=time.perf_counter() - t0)
-        if self.checks is not None:
-            t1 = time.perf_counter()
-            self.checks.verify(layer, self.slot_of[layer][plan.neurons], out)
-            self.verify_s += time.perf_counter() - t1
-            self.verified_bundles += len(plan)
-        t2 = time.perf_counter()
-        rows = cache.rows[run] if run is not None else self._as_rows(out).to(cache.rows.dtype)
-        cache.fill(plan, rows)
-        self.log.add(mem_s=time.perf_counter() - t2)
-        return rows
+        self._verify(layer, self.slot_of[layer][plan.neurons], out)
+        return self._fill(cache, plan, run, out)
 
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Exact dense FFN for a prompt, streamed through the cache rows, then seed the window.
