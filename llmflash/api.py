@@ -267,6 +267,6 @@ def load(path: str | Path, mode: str = "dense", *, memory: str = "50%", window: 
 def convert(src: str | Path, dst: str | Path, dtype: str = "float16", *, force: bool = False,
             progress: bool = True, resident_dtype: str | None = None) -> Path:
     """Import a Hugging Face model directory or a GGUF file into the flash layout at dst
-    (dtype float16/bfloat16/float32, int8/int4 block formats, or auto: docs/FORMAT.md)."""
+    (dtype float16/bfloat16/float32, int8/int4/int4m block formats, or auto: docs/FORMAT.md)."""
     return _convert(Path(src).expanduser(), Path(dst).expanduser(), dtype=dtype, force=force,
                     progress=progress, resident_dtype=resident_dtype).path

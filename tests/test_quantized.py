@@ -1,4 +1,4 @@
-"""int8 / int4 storage (issue 12): the block codec, conversion, GGUF blocks kept exactly, compute.
+"""int8 / int4 / int4m storage (issue 12): the block codec, conversion, GGUF blocks kept exactly, compute.
 
 The reference for the byte layout is llama.cpp's own Python package (gguf.quants); the reference for
 the logits is the same model at float32 (transformers for an HF model, gguf's dequantization for a
@@ -26,7 +26,8 @@ from llmflash.format.layout import FlashModelDir
 from llmflash.runtime.engine import Engine
 from llmflash.runtime.modes import RunOptions, ffn_factory
 
-GGML = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_0}
+GGML = {"int8": gguf.GGMLQuantizationType.Q8_0, "int4": gguf.GGMLQuantizationType.Q4_0,
+        "int4m": gguf.GGMLQuantizationType.Q4_1}
 IDS = [1, 5, 9, 33, 70, 100, 7, 12]
 
 
@@ -49,11 +50,19 @@ def test_codec_bytes_equal_ggml_and_round_trip(kind):
     # quantizing the dequantized weights again gives the same weights (a stable round trip; an
     # all-zero block's scale may come back as +0 instead of -0)
     assert np.array_equal(Q.dequantize_rows_np(Q.quantize_rows(want, kind), kind, 96), want)
-    # down columns: codes and per-32-neuron scales give back the same weights
-    scales, codes = Q.down_blocks(w, kind)
+    # down columns: codes and per-32-neuron scales (and minimums) give back the same weights
+    scales, mins, codes = Q.down_blocks(w, kind)
     assert codes.shape == (96, 64) and scales.shape == (64, 3)
     back = codes.T.astype(np.float32).reshape(64, 3, 32) * scales.astype(np.float32)[..., None]
+    if kind == "int4m":
+        assert mins.shape == (64, 3)
+        back += mins.astype(np.float32)[..., None]
+    else:
+        assert mins is None
     assert np.array_equal(back.reshape(64, 96), want)
+    # GPTQ's writer (blocks from scales, minimums and codes) gives back gguf's bytes
+    s, m, c = Q.split_blocks(raw, kind, 96)
+    assert np.array_equal(Q.blocks_np(s, Q.unpack_codes_np(c, kind, 96), kind, m), raw)
     packed = Q.pack_codes_np(codes, kind)
     assert packed.shape == (96, Q.code_bytes(kind, 64))
     assert torch.equal(Q.unpack_codes(torch.from_numpy(packed), kind, 64), torch.from_numpy(codes))
@@ -73,6 +82,13 @@ def test_exact_block_layout():
     assert q4[3] == 1 | (9 << 4)  # weight 1 = -15 -> trunc(-7.5 + 8.5) = 1; weight 17 = 1 -> trunc(9.0) = 9
     codes = np.concatenate([q4[2:] & 15, q4[2:] >> 4]).astype(np.float32)
     assert np.array_equal((codes - 8) * 2.0, gguf.quants.dequantize(q4[None], GGML["int4"])[0])
+    # int4m (Q4_1): scale d = (max - min) / 15, then the minimum m, both float16; w = d * q + m
+    q41 = Q.quantize_rows(w[None] + 100.0, "int4m")[0]  # 84 .. 115: far from zero, where Q4_0 is coarse
+    assert len(q41) == 20 and q41[:4].tobytes() == struct.pack("<ee", 31 / 15, 84.0)
+    codes = np.concatenate([q41[4:] & 15, q41[4:] >> 4]).astype(np.float32)
+    assert codes[0] == 0 and codes[31] == 15
+    assert np.array_equal(codes * np.float32(np.float16(31 / 15)) + 84.0,
+                          gguf.quants.dequantize(q41[None], GGML["int4m"])[0])
 
 
 def test_bundle_layout_bytes():
@@ -86,6 +102,7 @@ def test_bundle_layout_bytes():
     f16 = bundle_layout_for(c, "float16").nbytes
     assert bundle_layout_for(c, "int8").nbytes == 2 * (hidden // 32) * 34 + hidden  # 200
     assert bundle_layout_for(c, "int4").nbytes == 2 * (hidden // 32) * 18 + hidden // 2  # 104
+    assert bundle_layout_for(c, "int4m").nbytes == 2 * (hidden // 32) * 20 + hidden // 2  # 112
     assert bundle_layout_for(c, "int4").nbytes / f16 < 0.3
     import dataclasses
 
@@ -104,7 +121,7 @@ def tiny(tmp_path_factory):
     for kind in ("llama-relu", "opt"):
         model = tiny_models.build(kind, root / kind)
         out[kind] = (root / kind, model)
-        for dt in ("int8", "int4"):
+        for dt in Q.KINDS:
             convert(root / kind, root / f"{kind}-{dt}", dtype=dt, progress=False)
     return root, out
 
@@ -143,7 +160,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("kind", ["llama-relu", "opt"])
-@pytest.mark.parametrize("dt", ["int8", "int4"])
+@pytest.mark.parametrize("dt", Q.KINDS)
 def test_flash_equals_dense_on_the_quantized_model(tiny, kind, dt):
     root, _ = tiny
     path = root / f"{kind}-{dt}"
@@ -163,7 +180,7 @@ def test_flash_equals_dense_on_the_quantized_model(tiny, kind, dt):
 
 
 @pytest.mark.parametrize("kind", ["llama-relu", "opt"])
-@pytest.mark.parametrize("dt,tol", [("int8", 0.02), ("int4", 0.3)])
+@pytest.mark.parametrize("dt,tol", [("int8", 0.02), ("int4", 0.3), ("int4m", 0.3)])
 def test_logits_near_transformers(tiny, kind, dt, tol):
     """4-bit rounding of random hidden-64 weights moves logits visibly; the shape stays."""
     root, models = tiny
@@ -241,7 +258,7 @@ def _write_gguf(path: Path, hf_model, ffn_type, bad_type=None) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("dt", ["int8", "int4"])
+@pytest.mark.parametrize("dt", Q.KINDS)
 def test_gguf_blocks_kept_exactly(tiny, tmp_path, dt):
     root, models = tiny
     src = tmp_path / f"tiny-{dt}.gguf"
@@ -267,7 +284,7 @@ def test_gguf_blocks_kept_exactly(tiny, tmp_path, dt):
     assert _rel(_logits(ours, "flash", None, "magnitude", memory="60%", density=1.0), ref[3:]) < 1e-3
     # requantizing another type is said and recorded
     other = tmp_path / "other.gguf"
-    _write_gguf(other, models["llama-relu"][1], gguf.GGMLQuantizationType.Q8_0 if dt == "int4"
+    _write_gguf(other, models["llama-relu"][1], gguf.GGMLQuantizationType.Q8_0 if dt != "int8"
                 else gguf.GGMLQuantizationType.Q4_0)
     proc = subprocess.run([sys.executable, "-m", "llmflash", "convert", str(other), str(tmp_path / "re"),
                            "--dtype", dt, "--quiet"], capture_output=True, text=True)
@@ -334,13 +351,35 @@ def test_synth_int4_runs(tmp_path):
         "hidden_size": 64, "ffn_dim": 256, "num_hidden_layers": 2, "word_embed_proj_dim": 64,
         "enable_bias": True, "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}))
     outs = {}
-    for dt in ("float16", "int4"):
+    for dt in ("float16", "int4", "int4m"):
         synth(None, tmp_path / dt, dtype=dt, config_path=cfg, progress=False)
         outs[dt] = Engine(tmp_path / dt, dtype=torch.float32).logits([5, 6, 7])
     d = FlashModelDir(tmp_path / "int4")
     assert d.dtype == "int4" and d.bundle.nbytes == 36 + 32 + 4  # OPT: up blocks, down codes, up bias
+    assert FlashModelDir(tmp_path / "int4m").bundle.nbytes == 40 + 32 + 4  # Q4_1: 20-byte blocks
     # the same statistics as the float preset (random values differ)
-    assert 0.7 < float(outs["int4"].std() / outs["float16"].std()) < 1.4
+    for dt in ("int4", "int4m"):
+        assert 0.7 < float(outs[dt].std() / outs["float16"].std()) < 1.4, dt
     dense = _logits(tmp_path / "int4", "dense", torch.float32)
     flash = _logits(tmp_path / "int4", "flash", torch.float32, "exact", memory="95%")
     assert _rel(flash, dense) < 1e-5
+
+
+@pytest.mark.parametrize("kind", Q.KINDS)
+def test_gptq_blocks_beat_rounding_on_the_layer_outputs(kind):
+    """`convert --gptq`'s block choice (tools/quantize.py): valid blocks of the kind whose products
+    with correlated inputs are closer to the float ones than ggml's round-to-nearest blocks."""
+    from llmflash.tools.quantize import gptq_blocks
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    W = torch.randn(48, 64, generator=g) + (2.0 if kind == "int4m" else 0.0)  # int4m: off-centre rows
+    H = (X.T @ X / len(X)).double()
+
+    def output_error(raw: np.ndarray) -> float:
+        Wq = torch.from_numpy(Q.dequantize_rows_np(raw, kind, 64))
+        return float(((X @ (Wq - W).T) ** 2).mean())
+
+    raw = gptq_blocks(W, H, kind)
+    assert raw.shape == (48, Q.row_bytes(kind, 64)) and raw.dtype == np.uint8
+    assert output_error(raw) < 0.8 * output_error(Q.quantize_rows(W.numpy(), kind))

@@ -13,15 +13,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", type=Path, help="Hugging Face model directory or .gguf file")
     p.add_argument("dst", type=Path, help="output directory (the flash layout)")
     p.add_argument("--dtype", default="float16",
-                   choices=["float16", "bfloat16", "float32", "int8", "int4", "auto"],
-                   help="storage dtype of the weights (default float16): int8/int4 store the FFN bundles "
-                        "in GGUF's Q8_0/Q4_0 blocks (docs/FORMAT.md); auto: a quantized GGUF's nearest "
-                        "block format (its Q8_0/Q4_0 blocks copied as they are), else float16")
+                   choices=["float16", "bfloat16", "float32", "int8", "int4", "int4m", "auto"],
+                   help="storage dtype of the weights (default float16): int8/int4/int4m store the FFN "
+                        "bundles in GGUF's Q8_0/Q4_0/Q4_1 blocks (docs/FORMAT.md); auto: a quantized "
+                        "GGUF's nearest block format (its Q8_0/Q4_0/Q4_1 blocks copied as they are), "
+                        "else float16")
     p.add_argument("--resident-dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="int8/int4 models: dtype of the resident matrices (embeddings, attention, head; "
-                        "default float16)")
+                   help="int8/int4/int4m models: dtype of the resident matrices (embeddings, attention, "
+                        "head; default float16)")
     p.add_argument("--gptq", type=Path, default=None, metavar="TEXT",
-                   help="int8/int4: choose the blocks by GPTQ against the model's activations on this "
+                   help="int8/int4/int4m: choose the blocks by GPTQ against the model's activations on this "
                         "UTF-8 text (calibration) instead of rounding to nearest (llmflash/tools/quantize.py)")
     p.add_argument("--gptq-tokens", type=int, default=4096, help="calibration tokens for --gptq (default 4096)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -54,8 +55,9 @@ def _gptq(args: argparse.Namespace):
     from llmflash.errors import LLMFlashError
     from llmflash.tools.quantize import gptq_convert
 
-    if args.dtype not in ("int8", "int4"):
-        raise LLMFlashError(f"--gptq quantizes to int8 or int4, not {args.dtype}: give --dtype int8|int4")
+    if args.dtype not in ("int8", "int4", "int4m"):
+        raise LLMFlashError(f"--gptq quantizes to int8, int4 or int4m, not {args.dtype}: give --dtype "
+                            "int8|int4|int4m")
     check_destination(args.dst, args.force)
     tmp = args.dst.parent / f".gptq-{args.dst.name}-{os.getpid()}"
     try:

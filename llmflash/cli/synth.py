@@ -17,9 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", type=Path, help="output directory (the flash layout)")
     p.add_argument("--config", type=Path, default=None,
                    help="a Hugging Face config.json of a supported architecture instead of a preset")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32", "int8", "int4"],
-                   help="storage dtype of the weights (default float16); int8/int4: bundles in "
-                        "Q8_0/Q4_0 blocks, resident matrices float16 (docs/FORMAT.md)")
+    p.add_argument("--dtype", default="float16",
+                   choices=["float16", "bfloat16", "float32", "int8", "int4", "int4m"],
+                   help="storage dtype of the weights (default float16); int8/int4/int4m: bundles in "
+                        "Q8_0/Q4_0/Q4_1 blocks, resident matrices float16 (docs/FORMAT.md)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

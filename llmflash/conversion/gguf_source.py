@@ -35,15 +35,17 @@ from llmflash.models import BY_GGUF_ARCHITECTURE, llama
 # config (Llama 3.x rope frequency factors, rebuilt into rope_scaling by _llama3_rope_scaling).
 _CONFIG_TENSORS = {"rope_freqs.weight"}
 
-# Tensor types this importer reads. Q8_0 and Q4_0 are kept block for block by `convert --dtype
-# int8|int4` (format/quantized.py); the others are dequantized by gguf and, for a quantized
-# conversion, requantized to the nearest of int8/int4 (NEAREST_KIND), which convert says.
+# Tensor types this importer reads. Q8_0, Q4_0 and Q4_1 are kept block for block by `convert
+# --dtype int8|int4|int4m` (format/quantized.py); the others are dequantized by gguf and, for a
+# quantized conversion, requantized to the nearest of int8/int4/int4m (NEAREST_KIND), which convert says.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # The llmflash block format a GGUF type maps to: never fewer bits than the file had below 5
-# (Q5/Q6 -> int8: requantizing 5-6 bits to 4 would lose more than the file's own rounding).
-NEAREST_KIND = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4", "Q2_K": "int4", "Q3_K": "int4",
-                "Q4_K": "int4", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8"}
+# (Q5/Q6 -> int8: requantizing 5-6 bits to 4 would lose more than the file's own rounding). Q4_K
+# is made of 32-weight sub-blocks with a scale and a minimum each, as Q4_1 (int4m) is, so its values
+# stay nearly where they were; Q2_K and Q3_K (16-weight sub-blocks) go to int4m too, the finer grid.
+NEAREST_KIND = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4m", "Q2_K": "int4m", "Q3_K": "int4m",
+                "Q4_K": "int4m", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8"}
 
 def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation, giving transformers' row order back.

@@ -40,7 +40,7 @@ from llmflash.format.layout import (
     FlashModelDir,
     align_up,
     bundle_layout_for,
-    down_scales_name,
+    down_block_tensors,
     write_manifest,
 )
 
@@ -263,7 +263,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     `layer_chunks` give their bytes piece by piece, so at most one piece is in memory at a time.
     `extra` adds fields to the manifest (e.g. "synthetic"). A quantized `dtype` (int8/int4) stores
     the bundles in blocks (format/quantized.py) and resident matrices at `resident_dtype` (default
-    float16); `resident` must then list the down scales (down_scales_name) too.
+    float16); `resident` must then list the down scales (layout.down_block_tensors) too.
     """
     dst = Path(dst)
     if quantized.is_quantized(dtype):
@@ -343,7 +343,7 @@ def _layer_bundles(source: ModelSource, config: ModelConfig, layer: int, names: 
 class _Quantizer:
     """A layer's bundles and down scales in a block format (format/quantized.py), from any source.
 
-    A GGUF tensor already in the target block format (Q8_0 for int8, Q4_0 for int4) is copied block
+    A GGUF tensor already in the target block format (Q8_0 for int8, Q4_0 for int4, Q4_1 for int4m) is copied block
     for block; any other is dequantized and requantized, counted per source type in `requantized`
     (said on stderr once per type and recorded in the manifest)."""
 
@@ -351,6 +351,7 @@ class _Quantizer:
         self.source, self.config, self.names, self.kind = source, config, names, kind
         self.requantized: dict[str, set[str]] = {}  # source type -> tensors requantized
         self.kept: set[str] = set()  # tensors copied block for block
+        self._last_down: tuple[int, tuple] | None = None
 
     def _type(self, name: str) -> str | None:
         typ = getattr(self.source, "tensor_type", None)
@@ -371,11 +372,14 @@ class _Quantizer:
             self.requantized.setdefault(typ, set()).add(name)
         return quantized.quantize_rows(self.source.read_tensor(name).float().numpy(), self.kind)
 
-    def down(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(float16 scales [hidden, n/32], signed codes [n, hidden]) of the layer's down projection."""
-        name = ffn_tensor_names(self.config, layer)["down"]
-        raw = self.blocks(name)
-        return quantized.down_split(raw, self.kind, self.config.intermediate_size)
+    def down(self, layer: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(float16 scales [hidden, n/32], int4m's minimums or None, code values [n, hidden]) of the
+        layer's down projection (the last layer's kept: its scales and minimums are written one
+        after the other)."""
+        if self._last_down is None or self._last_down[0] != layer:
+            raw = self.blocks(ffn_tensor_names(self.config, layer)["down"])
+            self._last_down = (layer, quantized.down_split(raw, self.kind, self.config.intermediate_size))
+        return self._last_down[1]
 
     def layer(self, layer: int) -> np.ndarray:
         """uint8 [neurons, bundle bytes] in the layout's part order."""
@@ -389,7 +393,7 @@ class _Quantizer:
             if t is not None and t.shape[0] != n:
                 raise LLMFlashError(f"layer {layer} {part} tensor has {t.shape[0]} neurons, config says {n} "
                                     f"({self.source.path})")
-        _, codes = self.down(layer)
+        codes = self.down(layer)[2]
         return quantized.bundle_bytes_np(gate, up, codes, biases, self.kind)
 
 
@@ -397,10 +401,10 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
             progress: bool = True, resident_dtype: str | None = None) -> FlashModelDir:
     """Convert a Hugging Face directory or GGUF file at SRC into the flash layout at DST.
 
-    dtype: float16, bfloat16, float32, or the block formats int8 / int4 (format/quantized.py), or
-    "auto": a GGUF whose FFN tensors are quantized goes to the nearest block format (Q8_0, Q5_*,
-    Q6_K -> int8; Q4_0, Q4_1, Q4_K, Q2_K, Q3_K -> int4), anything else to float16.
-    resident_dtype: for int8/int4, the dtype of the resident matrices (default float16)."""
+    dtype: float16, bfloat16, float32, or the block formats int8 / int4 / int4m (format/quantized.py),
+    or "auto": a GGUF whose FFN tensors are quantized goes to the nearest block format (Q8_0, Q5_*,
+    Q6_K -> int8; Q4_0 -> int4; Q4_1, Q4_K, Q2_K, Q3_K -> int4m), anything else to float16.
+    resident_dtype: for int8/int4/int4m, the dtype of the resident matrices (default float16)."""
     if dtype != "auto" and dtype not in DTYPES and not quantized.is_quantized(dtype):
         raise LLMFlashError(f"unsupported storage dtype {dtype!r}; choose one of "
                             f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
@@ -431,8 +435,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
     if quantized.is_quantized(dtype):
         bundle_layout_for(config, dtype)  # refuses sizes that are not whole blocks, before writing
         q = _Quantizer(source, config, names, dtype)
-        plan += [(down_scales_name(i), (config.hidden_size, config.intermediate_size // quantized.BLOCK))
-                 for i in range(config.num_layers)]
+        plan += down_block_tensors(config, dtype)
         layer_chunks = lambda layer: [q.layer(layer)]  # noqa: E731
         extra["quantization"] = {"format": quantized.GGUF_TYPE[dtype], "block": quantized.BLOCK,
                                  "kept_tensors": 0, "requantized": {}}
@@ -443,8 +446,8 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
 
     def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
         if q is not None and name.startswith("ffn.layers."):
-            scales, _ = q.down(int(name.split(".")[2]))
-            yield np.ascontiguousarray(scales)
+            scales, mins, _ = q.down(int(name.split(".")[2]))
+            yield np.ascontiguousarray(mins if name.endswith(".down_mins") else scales)
             return
         t = source.read_tensor(names[name])
         if tuple(t.shape) != shape:
@@ -466,7 +469,8 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
 
 
 def _auto_dtype(source: ModelSource, config: ModelConfig, names: dict[str, str]) -> str:
-    """The block format nearest the FFN tensors' own (GGUF), else float16; int8 if they disagree."""
+    """The block format nearest the FFN tensors' own (GGUF), else float16; where they disagree,
+    int4m for 4-bit kinds (its grid holds any Q4_0 block's range), else int8."""
     typ = getattr(source, "tensor_type", None)
     if typ is None:
         return "float16"
@@ -476,7 +480,9 @@ def _auto_dtype(source: ModelSource, config: ModelConfig, names: dict[str, str])
              for p, n in ffn_tensor_names(config, i).items() if p in ("gate", "up", "down")}
     if None in kinds:
         return "float16"
-    return "int4" if kinds == {"int4"} else "int8"
+    if kinds <= {"int4", "int4m"}:
+        return "int4" if kinds == {"int4"} else "int4m"
+    return "int8"
 
 
 def _fsync_dir(path: Path) -> None:

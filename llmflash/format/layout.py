@@ -50,6 +50,23 @@ def down_scales_name(layer: int) -> str:
     return f"ffn.layers.{layer}.down_scales"
 
 
+def down_mins_name(layer: int) -> str:
+    """Resident tensor holding an int4m model's down-projection block minimums for `layer`."""
+    return f"ffn.layers.{layer}.down_mins"
+
+
+def down_block_tensors(config, kind: str) -> list[tuple[str, tuple[int, int]]]:
+    """(name, shape) of the resident down-projection block scales (and int4m's minimums) a
+    quantized model of `config` stores, layer by layer: float16 [hidden, intermediate / 32]."""
+    shape = (config.hidden_size, config.intermediate_size // quantized.BLOCK)
+    out = []
+    for i in range(config.num_layers):
+        out.append((down_scales_name(i), shape))
+        if quantized.has_mins(kind):
+            out.append((down_mins_name(i), shape))
+    return out
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     for name, value in DTYPES.items():
         if value == dtype:
@@ -223,6 +240,7 @@ class FlashModelDir:
         self._check_files_present()
         self.layer_verifier = LayerVerifier(self)
         self._down_scales: list[torch.Tensor] | None = None
+        self._down_mins: list[torch.Tensor] | None = None
         self.codec = (quantized.BundleCodec(self.bundle, self.config.hidden_size)
                       if self.bundle.quantized else None)
 
@@ -349,21 +367,24 @@ class FlashModelDir:
         return self.bundle.quantized
 
     def set_down_scales(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take a quantized model's down-projection scales out of the resident tensors just loaded
-        (runtime.engine.load_weights), as float32 [hidden, intermediate / 32] per layer."""
-        c = self.config
-        shape = (c.hidden_size, c.intermediate_size // quantized.BLOCK)
-        scales = []
-        for i in range(c.num_layers):
-            t = weights.pop(down_scales_name(i), None)
+        """Take a quantized model's down-projection scales (and int4m's minimums) out of the
+        resident tensors just loaded (runtime.engine.load_weights), as float32 [hidden,
+        intermediate / 32] per layer."""
+        def take(name: str, shape: tuple) -> torch.Tensor:
+            t = weights.pop(name, None)
             if t is None or tuple(t.shape) != shape:
-                raise LLMFlashError(f"{self.resident_path}: tensor {down_scales_name(i)} "
+                raise LLMFlashError(f"{self.resident_path}: tensor {name} "
                                     f"{'missing' if t is None else f'has shape {list(t.shape)}'}, a {self.dtype} "
                                     f"model needs {list(shape)}")
             # held neuron-group-major (contiguous [intermediate / 32, hidden]): the scales of any
             # set of neurons are then gathered as whole rows (quantized.BundleCodec.down_rows)
-            scales.append(t.to(torch.float32).t().contiguous())
+            return t.to(torch.float32).t().contiguous()
+
+        scales, mins = [], []
+        for name, shape in down_block_tensors(self.config, self.dtype):
+            (mins if name.endswith(".down_mins") else scales).append(take(name, shape))
         self._down_scales = scales
+        self._down_mins = mins or None
 
     def down_scales(self, layer: int) -> torch.Tensor:
         """float32 [hidden, intermediate / 32]: the block scales of layer's down projection (a
@@ -372,11 +393,19 @@ class FlashModelDir:
             self.set_down_scales(self.load_resident(None))
         return self._down_scales[layer].t()
 
+    def down_mins(self, layer: int) -> torch.Tensor | None:
+        """An int4m model's down-projection block minimums, as down_scales; None for int8/int4."""
+        if not quantized.has_mins(self.dtype):
+            return None
+        if self._down_mins is None:
+            self.set_down_scales(self.load_resident(None))
+        return self._down_mins[layer].t()
+
     def dequantize_rows(self, raw: torch.Tensor | np.ndarray, layer: int, neurons) -> torch.Tensor:
         """Quantized bundle rows (uint8 [n, bundle bytes]) of `neurons` -> float32 [n, elements]."""
         raw = torch.as_tensor(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
         ids = torch.as_tensor(np.asarray(neurons, dtype=np.int64))
-        return self.codec.dequantize(raw.reshape(len(ids), -1), ids, self.down_scales(layer))
+        return self.codec.dequantize(raw.reshape(len(ids), -1), ids, self.down_scales(layer), self.down_mins(layer))
 
     def bundles_from_bytes(self, raw: np.ndarray, layer: int | None = None, neurons=None) -> torch.Tensor:
         """View raw bundle bytes [n, bundle_bytes] as a [n, elements] tensor of the stored dtype.

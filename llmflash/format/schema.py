@@ -34,7 +34,7 @@ from llmflash.errors import LLMFlashError
 
 CHECKSUM_FIELD = "manifest_sha256"
 READABLE_VERSIONS = (1, 2)
-SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4")  # int: format/quantized.py
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "int8", "int4", "int4m")  # int: format/quantized.py
 BUNDLE_CHECK_ALGORITHMS = ("xxh3_64",)
 
 # Bounds far above any real model, far below what would exhaust memory when allocated.

@@ -112,7 +112,7 @@ class DenseFFN(FFNProvider):
             d, layer = self.model_dir, len(self.packed)
             slot_of = torch.from_numpy(np.argsort(d.layers[layer].permutation()))
             self.packed.append(QuantDenseLayer(rows.index_select(0, slot_of), d.codec, d.down_scales(layer),
-                                               self.act, self.threshold))
+                                               self.act, self.threshold, d.down_mins(layer)))
             return
         if rows.dtype != self.activations:
             if self.packed is None:

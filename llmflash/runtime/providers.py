@@ -138,7 +138,8 @@ class _FlashBacked(_Logged):
         """FFN over bundle rows of `neurons` (their ids: quantized rows' down scales are per id)."""
         if self.quant:
             return quant_rows_ffn(x, rows, torch.as_tensor(np.asarray(neurons, dtype=np.int64)),
-                                  self.dir.codec, self.dir.down_scales(layer), self.act, self.threshold)
+                                  self.dir.codec, self.dir.down_scales(layer), self.act, self.threshold,
+                                  self.dir.down_mins(layer))
         return ffn_from_rows(x, rows, self.slices, self.act, self.threshold)
 
     def _read(self, fn, *args) -> np.ndarray:
@@ -693,7 +694,8 @@ class MmapFFN(_Logged):
             rows = torch.from_numpy(self.layers[layer])
         if self.dir.quantized:  # the mapped layer dequantized for this token (as a dequantizing runtime would)
             return quant_rows_ffn(x, rows, torch.from_numpy(self.dir.layers[layer].permutation()),
-                                  self.dir.codec, self.dir.down_scales(layer), self.act, self.threshold)
+                                  self.dir.codec, self.dir.down_scales(layer), self.act, self.threshold,
+                                  self.dir.down_mins(layer))
         if self.dir.bundle.dtype == "bfloat16":
             rows = rows.view(torch.bfloat16)
         rows = rows.to(self.dtype)

@@ -1,10 +1,11 @@
-"""FFN products on block-quantized weights (int8 = Q8_0, int4 = Q4_0; format/quantized.py).
+"""FFN products on block-quantized weights (int8 = Q8_0, int4 = Q4_0, int4m = Q4_1; format/quantized.py).
 
 Two routes, chosen by measurement (docs/FLASH.md, "Quantized models"):
 
 * **Whole layers (dense mode)**: torch's packed int4 CPU kernel (`_weight_int4pack_mm_for_cpu`,
   the one int4 weight-only quantization uses), which multiplies straight from 4-bit codes with one
-  scale per group of 32 inputs: a Q4_0 block maps to one group exactly (code q, scale d, zero 0).
+  scale and zero per group of 32 inputs, w = (q - 8) * scale + zero: a Q4_0 block maps to one group
+  exactly (scale d, zero 0), a Q4_1 block too (w = d * q + m: scale d, zero m + 8d).
   A Q8_0 code c is split into two nibbles of c + 128 = 16·hi + lo, laid side by side as a matrix
   twice as wide, [16·d on hi | d on lo, zero 8·d], multiplied by [x | x]: the same d·c, one call.
   The kernel is fast only at bfloat16 (activations, scales and its output are bfloat16; it
@@ -33,15 +34,20 @@ def int4_kernel_available() -> bool:
 
 
 class BlockMatrix:
-    """W [N, K] given as block scales (float32 [N, K/32]) and signed codes (int8 [N, K]), held in
-    torch's packed int4 layout; `__call__(x)` = x @ W.T in float32."""
+    """W [N, K] given as block scales (float32 [N, K/32]), int4m's minimums and code values (int8
+    [N, K], as format/quantized.unpack_codes gives them), held in torch's packed int4 layout;
+    `__call__(x)` = x @ W.T in float32."""
 
-    def __init__(self, scales: torch.Tensor, codes: torch.Tensor, kind: str):
+    def __init__(self, scales: torch.Tensor, codes: torch.Tensor, kind: str, mins: torch.Tensor | None = None):
         n, k = codes.shape
         s = scales.to(torch.float32)
         if kind == "int4":
             u = (codes.to(torch.int32) + 8)
             sz = torch.stack([s, torch.zeros_like(s)], -1)  # [N, K/32, 2]
+            self.width = k
+        elif kind == "int4m":
+            u = codes.to(torch.int32)  # w = d * q + m = (q - 8) * d + (m + 8d)
+            sz = torch.stack([s, mins.to(torch.float32) + 8 * s], -1)
             self.width = k
         else:
             u8 = codes.to(torch.int32) + 128
@@ -72,14 +78,15 @@ class QuantDenseLayer:
     `raw` is the layer's bundles (uint8 [n, bundle bytes]) in neuron order."""
 
     def __init__(self, raw: torch.Tensor, codec: BundleCodec, down_scales: torch.Tensor,
-                 act: str, threshold: float):
+                 act: str, threshold: float, down_mins: torch.Tensor | None = None):
         k, kind = codec.k, codec.kind
         self.act, self.threshold = act, threshold
         self.gated = "gate" in codec.spans
         parts = [block_codes(raw[:, codec.spans[p]], kind, k) for p in (("gate", "up") if self.gated else ("up",))]
-        self.gu = BlockMatrix(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), kind)
+        mins = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+        self.gu = BlockMatrix(torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts]), kind, mins)
         down = unpack_codes(raw[:, codec.spans["down"]], kind, k)  # [n, K]
-        self.down = BlockMatrix(down_scales, down.t().contiguous(), kind)  # W [K, n]
+        self.down = BlockMatrix(down_scales, down.t().contiguous(), kind, down_mins)  # W [K, n]
         biases = [codec.bias(raw, b) for b in ("gate_bias", "up_bias") if b in codec.spans]
         self.bias = torch.cat(biases).to(torch.float32) if biases else None
 
@@ -100,7 +107,8 @@ class QuantDenseLayer:
 
 
 def quant_rows_ffn(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, codec: BundleCodec,
-                   down_scales: torch.Tensor, act: str, threshold: float = 0.0) -> torch.Tensor:
+                   down_scales: torch.Tensor, act: str, threshold: float = 0.0,
+                   down_mins: torch.Tensor | None = None) -> torch.Tensor:
     """FFN over quantized bundle rows `raw` (uint8 [n, bundle bytes]) of neurons `ids`: each part
     of these rows only is dequantized exactly to a contiguous float32 matrix and multiplied in
     float32 (no bundle-layout copy in between: 72 against 128 ms for 1690 OPT-6.7B rows)."""
@@ -112,4 +120,4 @@ def quant_rows_ffn(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, codec:
         h = activate(gate, act, threshold) * up
     else:
         h = activate(up, act, threshold)
-    return h @ codec.down_rows(raw, ids, down_scales)
+    return h @ codec.down_rows(raw, ids, down_scales, down_mins)

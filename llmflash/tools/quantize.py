@@ -5,8 +5,8 @@ Round-to-nearest Q4_0 (ggml's rule, what `convert --dtype int4` does by default)
 32 weights, codes 0..15, w = d * (q - 8)) so that the layer's *outputs* on calibration text stay
 close: within each row, columns are quantized in order and each one's rounding error is pushed
 onto the columns not yet quantized through the inverse of H = E[x x^T] of the layer's inputs. A
-block's scale is taken (ggml's rule) from the weights as updated when the block is reached. The
-result is ordinary int8/int4 bundles: nothing at run time changes.
+block's scale (int4m: and minimum) is taken (ggml's rule) from the weights as updated when the
+block is reached. The result is ordinary int8/int4/int4m bundles: nothing at run time changes.
 
 Inputs: gate/up rows see the FFN input x (H [hidden, hidden]); the down projection sees the
 intermediate activations h = act(gate x) * up x (H [intermediate, intermediate]), captured by
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llmflash.format import quantized as Q
-from llmflash.format.layout import FlashModelDir, down_scales_name
+from llmflash.format.layout import FlashModelDir, down_block_tensors
 from llmflash.models.base import FFNProvider
 from llmflash.runtime.ffn import BundleSlices, ffn_intermediate
 from llmflash.tools.gptq import damped_inverse_cholesky
@@ -66,29 +66,35 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, kind: str, damp: float = 0.01)
     B = Q.BLOCK
     codes = torch.zeros(N, K, dtype=torch.int8)
     scales = torch.zeros(N, K // B, dtype=torch.float16)
+    mins = torch.zeros(N, K // B, dtype=torch.float16)
     for g in range(K // B):
         i0, i1 = g * B, (g + 1) * B
         Wb = W[:, i0:i1].clone()
+        m = torch.zeros(N)
         if kind == "int4":  # ggml's Q4_0 scale: the weight of largest magnitude / -8
             imax = Wb.abs().argmax(1, keepdim=True)
             d = (Wb.gather(1, imax) / -8).reshape(-1)
+        elif kind == "int4m":  # ggml's Q4_1: minimum, and (max - min) / 15
+            m = Wb.amin(1).to(torch.float16).float()
+            d = (Wb.amax(1) - Wb.amin(1)) / 15
         else:  # Q8_0: max |w| / 127
             d = Wb.abs().amax(1) / 127
         d = d.to(torch.float16).float()
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        lo, hi = (-8, 7) if kind == "int4" else (-127, 127)
+        lo, hi = {"int4": (-8, 7), "int4m": (0, 15), "int8": (-127, 127)}[kind]
         Eb = torch.zeros_like(Wb)
         Hb = Hinv[i0:i1, i0:i1]
         for j in range(B):
             w = Wb[:, j]
-            q = torch.clamp(torch.round(w * inv), lo, hi)
+            q = torch.clamp(torch.round((w - m) * inv), lo, hi)
             codes[:, i0 + j] = q.to(torch.int8)
-            err = (w - q * d) / Hb[j, j]
+            err = (w - (q * d + m)) / Hb[j, j]
             Wb[:, j + 1:] -= err[:, None] * Hb[j, j + 1:][None, :]
             Eb[:, j] = err
         scales[:, g] = d.to(torch.float16)
+        mins[:, g] = m.to(torch.float16)
         W[:, i1:] -= Eb @ Hinv[i0:i1, i1:]
-    return Q.blocks_np(scales.numpy(), codes.numpy(), kind)
+    return Q.blocks_np(scales.numpy(), codes.numpy(), kind, mins.numpy())
 
 
 def gptq_convert(float_dir: Path | str, dst: Path | str, kind: str, text: Path | str, tokens: int = 4096,
@@ -118,7 +124,7 @@ def gptq_convert(float_dir: Path | str, dst: Path | str, kind: str, text: Path |
     sl = BundleSlices(src.bundle)
     per_layer: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def down(layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def down(layer: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         if layer not in per_layer:
             w_down = moments.rows[layer][:, sl.down].t().contiguous()  # [hidden, n]
             per_layer[layer] = Q.down_split(gptq_blocks(w_down, moments.hh[layer], kind), kind,
@@ -126,11 +132,12 @@ def gptq_convert(float_dir: Path | str, dst: Path | str, kind: str, text: Path |
         return per_layer[layer]
 
     resident = [(n, tuple(t.shape)) for n, t in weights.items()]
-    resident += [(down_scales_name(i), (c.hidden_size, c.intermediate_size // Q.BLOCK)) for i in range(c.num_layers)]
+    resident += down_block_tensors(c, kind)
 
     def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
         if name.startswith("ffn.layers."):
-            yield np.ascontiguousarray(down(int(name.split(".")[2]))[0])
+            scales, mins, _ = down(int(name.split(".")[2]))
+            yield np.ascontiguousarray(mins if name.endswith(".down_mins") else scales)
             return
         yield _tensor_bytes(weights[name].to(tdtype))
 
@@ -139,7 +146,7 @@ def gptq_convert(float_dir: Path | str, dst: Path | str, kind: str, text: Path |
         gate = gptq_blocks(rows[:, sl.gate], moments.hx[layer], kind) if sl.gate is not None else None
         up = gptq_blocks(rows[:, sl.up], moments.hx[layer], kind)
         biases = [rows[:, s].reshape(-1).numpy() for s in (sl.gate_bias, sl.up_bias) if s is not None]
-        out = [Q.bundle_bytes_np(gate, up, down(layer)[1], biases, kind)]
+        out = [Q.bundle_bytes_np(gate, up, down(layer)[2], biases, kind)]
         per_layer.pop(layer, None)
         moments.hh[layer] = moments.hx[layer] = None
         return out

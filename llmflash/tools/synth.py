@@ -48,13 +48,16 @@ from llmflash.conversion.source import TokenizerSpec
 from llmflash.conversion.writer import check_destination, write_model_dir
 from llmflash.errors import LLMFlashError
 from llmflash.format import quantized
-from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for, down_scales_name
+from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for, down_block_tensors
 from llmflash.format.schema import expected_resident_shapes
 from llmflash.models import resident_tensor_names
 
 CHUNK_BYTES = 16 << 20  # rows generated (and held) at a time
 # std of uniformly random codes: int8 any byte (-128..127), int4 any nibble minus 8 (-8..7)
-QUANT_CODE_STD = {"int8": math.sqrt((256 ** 2 - 1) / 12), "int4": math.sqrt((16 ** 2 - 1) / 12)}
+QUANT_CODE_STD = {"int8": math.sqrt((256 ** 2 - 1) / 12), "int4": math.sqrt((16 ** 2 - 1) / 12),
+                  "int4m": math.sqrt((16 ** 2 - 1) / 12)}
+# int4m's minimum per unit of scale that centres uniform random codes 0..15 on zero
+INT4M_MIN_PER_SCALE = -7.5
 OPT_ACTIVE = 0.033  # share of OPT FFN neurons firing per token (the paper, OPT-6.7B)
 FATRELU_ACTIVE = 0.10  # ProSparse: about 90% of neurons are zero
 
@@ -300,12 +303,12 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
 
     layout = bundle_layout_for(config, dtype)  # refuses int8/int4 sizes that are not whole blocks
     if quant:
-        resident = resident + [(down_scales_name(i), (config.hidden_size, config.intermediate_size // 32))
-                               for i in range(config.num_layers)]
+        resident = resident + down_block_tensors(config, dtype)
 
     def resident_chunks(name: str, tshape: tuple, tdtype: torch.dtype):
-        if name.startswith("ffn.layers."):  # int8/int4 down scales: one value, codes are random
-            yield np.full(tshape, scales.down / QUANT_CODE_STD[dtype], dtype=np.float16)
+        if name.startswith("ffn.layers."):  # quantized down scales (minimums): one value, codes are random
+            d = scales.down / QUANT_CODE_STD[dtype]
+            yield np.full(tshape, INT4M_MIN_PER_SCALE * d if name.endswith(".down_mins") else d, dtype=np.float16)
             return
         kind, value = scales.resident(name, tshape)
         if len(tshape) == 1:
@@ -321,8 +324,9 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
     parts = [(slice(p.offset, p.offset + p.length), *scales.part(p.name)) for p in layout.parts]
 
     def quant_layer_chunks(layer: int):
-        """int8/int4 bundles: random codes, one block scale per part giving the part's std, float32
-        biases (the same statistics as the float bundles)."""
+        """int8/int4/int4m bundles: random codes, one block scale per part giving the part's std
+        (int4m: the minimum centring the codes on zero), float32 biases (the same statistics as the
+        float bundles)."""
         rng = _stream(seed, f"ffn.{layer}")
         codec = quantized.BundleCodec(layout, config.hidden_size)
         n, width = config.intermediate_size, codec.nbytes
@@ -338,6 +342,9 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
                 if p.name in ("gate", "up"):
                     b = block[:, span].reshape(rows, -1, quantized.BLOCK_BYTES[dtype])
                     b[..., :2] = np.array([value / code_std], dtype=np.float16).view(np.uint8)
+                    if quantized.has_mins(dtype):
+                        b[..., 2:4] = np.array([INT4M_MIN_PER_SCALE * value / code_std],
+                                               dtype=np.float16).view(np.uint8)
                 elif p.name != "down":  # biases
                     block[:, span] = np.array([value if kind == "const" else 0.0], dtype=np.float32).view(np.uint8)
             yield block
