@@ -383,3 +383,39 @@ def test_gptq_blocks_beat_rounding_on_the_layer_outputs(kind):
     raw = gptq_blocks(W, H, kind)
     assert raw.shape == (48, Q.row_bytes(kind, 64)) and raw.dtype == np.uint8
     assert output_error(raw) < 0.8 * output_error(Q.quantize_rows(W.numpy(), kind))
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4m"])
+@pytest.mark.parametrize("family,act,threshold", [("llama", "silu", 0.0), ("llama", "fatrelu", 0.1),
+                                                  ("opt", "relu", 0.0)])
+def test_compiled_row_kernels_equal_the_torch_route(kind, family, act, threshold, monkeypatch):
+    """One token over 4-bit rows goes through numba kernels (runtime/quant_kernels.py): the same
+    float32 arithmetic as dequantizing the rows (reassociated sums), on scattered neuron ids with
+    several rows per down-scale group, biases (OPT), negative and subnormal float16 scales."""
+    from llmflash.format.layout import bundle_layout_for
+    from llmflash.models.config import ModelConfig
+    from llmflash.runtime import quant_kernels
+    from llmflash.runtime.quant_ffn import quant_rows_ffn
+
+    K, N, S = 96, 320, 70
+    c = ModelConfig(family=family, model_type=family, vocab_size=16, hidden_size=K, intermediate_size=N,
+                    num_layers=1, num_heads=4, num_kv_heads=4, head_dim=24, max_position_embeddings=32,
+                    hidden_act=act, act_threshold=threshold, mlp_bias=family == "opt")
+    layout = bundle_layout_for(c, kind)
+    codec = Q.BundleCodec(layout, K)
+    rng = np.random.default_rng(3)
+    parts = [Q.quantize_rows(rng.standard_normal((S, K)).astype(np.float32) * 0.1 + 0.05, kind)
+             for _ in range(2 if "gate" in codec.spans else 1)]
+    parts[0][5, :2] = np.array([np.float16(-3e-6)]).view(np.uint8)  # a negative subnormal scale
+    codes = rng.integers(0, 16, (S, K)).astype(np.int8) - Q.CODE_OFFSET[kind]
+    biases = [rng.standard_normal(S).astype(np.float32)] if family == "opt" else []
+    raw = torch.from_numpy(Q.bundle_bytes_np(parts[0] if len(parts) == 2 else None, parts[-1], codes, biases, kind))
+    ids = torch.from_numpy(rng.choice(N, S, replace=False))
+    scales = torch.rand(N // 32, K).t()  # as FlashModelDir holds them: a transposed view
+    mins = (torch.rand(N // 32, K) - 0.5).t() if kind == "int4m" else None
+    x = torch.randn(1, K)
+    assert quant_kernels.usable(codec, x)
+    got = quant_rows_ffn(x, raw, ids, codec, scales, act, threshold, mins)
+    monkeypatch.setattr(quant_kernels, "ENABLED", False)
+    want = quant_rows_ffn(x, raw, ids, codec, scales, act, threshold, mins)
+    assert _rel(got, want) < 1e-5

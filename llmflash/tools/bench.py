@@ -57,11 +57,14 @@ def drop_page_cache(path: Path) -> None:
 FIXED_OVERHEAD_BYTES = 96 << 20
 
 
-def runtime_overhead_bytes() -> int:
-    """Peak RSS of a process that imported the runtime but loaded no model (measured, not assumed)."""
+def runtime_overhead_bytes(quantized: bool = False) -> int:
+    """Peak RSS of a process that imported the runtime but loaded no model (measured, not assumed).
+    quantized: with the compiled kernels for 4-bit rows loaded too (numba, runtime/quant_kernels.py:
+    about 60 MiB more), as a quantized model's flash run has them."""
+    kernels = "from llmflash.runtime import quant_kernels as k; k._kernels(); " if quantized else ""
     code = ("import torch, numpy, safetensors, tokenizers, jinja2, tqdm, llmflash.cli, "
             "llmflash.runtime.tokenizer, llmflash.runtime.providers, llmflash.runtime.predictors, "
-            "llmflash.runtime.engine as r; print(r.peak_rss_bytes())")
+            f"llmflash.runtime.engine as r; {kernels}print(r.peak_rss_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip())
 
@@ -296,7 +299,8 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
     if len(ids) + tokens > model_dir.config.max_position_embeddings:
         raise LLMFlashError("bench: --prompt-tokens + --tokens exceed the model's context")
     budget = parse_budget(memory, model_weight_bytes(model_dir))
-    overhead = runtime_overhead_bytes()
+    # int4/int4m rows held as stored run the compiled kernels (numba): their memory is the runtime's
+    overhead = runtime_overhead_bytes(quantized=dtype == "auto" and model_dir.bundle.dtype in ("int4", "int4m"))
     profile = load_default_profile()
     result = {"model": str(model), "memory": memory, "budget_bytes": budget, "window": window,
               "pin": pin, "threads": threads, "reader": reader, "density": density,
@@ -423,7 +427,8 @@ def table(result: dict) -> str:
                         f"= {dense['vs_bandwidth']:.2f}x the floor" if dense.get("vs_bandwidth") else ""))
     for name, value in result["ratios"].items():
         lines.append(f"{name}: {value:.2f}x" if isinstance(value, float) else f"{name}: {value}")
-    lines.append(f"runtime overhead (python + torch, no model): {result['runtime_overhead_bytes'] / 2**20:.0f} MiB"
+    lines.append(f"runtime overhead (python + torch (+ numba for 4-bit rows), no model): "
+                 f"{result['runtime_overhead_bytes'] / 2**20:.0f} MiB"
                  f" + {FIXED_OVERHEAD_BYTES >> 20} MiB allowed for buffers;"
                  " page cache dropped before each mode; 'model MB/s' is what the device profile "
                  "predicts for the same reads")
