@@ -697,7 +697,7 @@ class MmapFFN(_Logged):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only mapping: we never write
             rows = torch.from_numpy(self.layers[layer])
-        if self.dir.quantized:  # the mapped layer dequantized for this token (as a dequantizing runtime would)
+        if self.dir.quantized:  # the mapped layer's quantized rows computed for this token (quant_ffn)
             return quant_rows_ffn(x, rows, torch.from_numpy(self.dir.layers[layer].permutation()),
                                   self.dir.codec, self.dir.down_scales(layer), self.act, self.threshold,
                                   self.dir.down_mins(layer))

@@ -33,7 +33,7 @@ class SparseFFN(FFNProvider):
         c = model_dir.config
         self.act, self.threshold = c.hidden_act, c.act_threshold
         self.slices = BundleSlices(model_dir.bundle)
-        # int8/int4 held as stored (uint8 rows): the selected rows are dequantized per call (quant_ffn)
+        # int8/int4/int4m held as stored (uint8 rows): the selected rows computed per call (quant_ffn)
         self.dir = model_dir
         self.quant = dtype == torch.uint8 and model_dir.quantized
         if self.quant:  # int4/int4m: the compiled row kernels ready before the first token
