@@ -15,7 +15,7 @@ import torch
 
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
-from llmflash.runtime import providers
+from llmflash.runtime import providers, quant_kernels
 from llmflash.runtime.engine import dense_ffn
 from llmflash.runtime.memory_plan import plan_memory, release_freed_heap
 from llmflash.runtime.read_planner import READS
@@ -85,9 +85,11 @@ def ffn_factory(options: RunOptions):
 
     def build(model_dir: FlashModelDir, dtype: torch.dtype):
         sparsity = resolve_sparsity(model_dir, options.sparsity, options.mode)
+        if options.mode == "dense" and sparsity == "none":
+            return dense_ffn(model_dir, dtype)
+        if model_dir.quantized:  # rows computed per token: their compiled kernels ready before the first
+            quant_kernels.warm(model_dir.dtype)
         if options.mode == "dense":
-            if sparsity == "none":
-                return dense_ffn(model_dir, dtype)
             return sparse_ffn_factory(sparsity, options.density)(model_dir, dtype)
         if options.mode == "mmap":
             return providers.MmapFFN(model_dir, dtype)

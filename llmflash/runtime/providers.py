@@ -26,7 +26,6 @@ import torch
 from llmflash.compute import matmul_rows
 from llmflash.runtime.neuron_cache import AdmitPlan, NeuronCache
 from llmflash.runtime.ffn import BundleSlices, ffn_from_rows, ffn_intermediate
-from llmflash.runtime import quant_kernels
 from llmflash.runtime.quant_ffn import quant_rows_ffn
 from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
@@ -121,8 +120,6 @@ class _FlashBacked(_Logged):
         # int8/int4 models: rows stay quantized in DRAM whatever the held dtype of the resident part
         # (the same budget caches 2-4x the neurons; memory_plan.row_bytes_at charges them so)
         self.quant = model_dir.quantized
-        if self.quant:  # int4/int4m: the compiled row kernels ready before the first token
-            quant_kernels.warm(model_dir.dtype)
         self.row_dtype = torch.uint8 if self.quant else dtype
         self.row_width = self.bundle_bytes if self.quant else model_dir.bundle.elements
         self.log = TokenLog()
@@ -685,8 +682,6 @@ class MmapFFN(_Logged):
                 arr = arr.view(NUMPY_VIEW[model_dir.bundle.dtype])
             arr = arr.reshape(region.neurons, -1)
             self.layers.append(arr)
-        if model_dir.quantized:  # int4/int4m: the compiled row kernels ready before the first token
-            quant_kernels.warm(model_dir.dtype)
         self.log = TokenLog()
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,6 @@ class SparseFFN(FFNProvider):
         # int8/int4/int4m held as stored (uint8 rows): the selected rows computed per call (quant_ffn)
         self.dir = model_dir
         self.quant = dtype == torch.uint8 and model_dir.quantized
-        if self.quant:  # int4/int4m: the compiled row kernels ready before the first token
-            from llmflash.runtime import quant_kernels
-
-            quant_kernels.warm(model_dir.dtype)
         self.layers = [model_dir.layer_rows(i, dtype) for i in range(c.num_layers)]
         # selections are in neuron order; rows are slots: perm maps the first to the second.
         self.perm, self.slot_of = [], []

@@ -24,6 +24,7 @@ from llmflash.runtime.memory_plan import model_weight_bytes, parse_budget
 from llmflash.errors import LLMFlashError
 from llmflash.format.layout import FlashModelDir
 from llmflash.runtime.read_planner import load_default_profile
+from llmflash.runtime import quant_kernels
 
 BENCH_TEXT = (
     "The history of computing is a history of memory. Early machines kept their programs on "
@@ -299,8 +300,9 @@ def bench(model: Path, memory: str = "50%", window: int = 5, tokens: int = 32,
     if len(ids) + tokens > model_dir.config.max_position_embeddings:
         raise LLMFlashError("bench: --prompt-tokens + --tokens exceed the model's context")
     budget = parse_budget(memory, model_weight_bytes(model_dir))
-    # int4/int4m rows held as stored run the compiled kernels (numba): their memory is the runtime's
-    overhead = runtime_overhead_bytes(quantized=dtype == "auto" and model_dir.bundle.dtype in ("int4", "int4m"))
+    # int4/int4m rows (flash and the baselines keep them quantized) run the compiled kernels (numba):
+    # their memory is the runtime's
+    overhead = runtime_overhead_bytes(quantized=model_dir.bundle.dtype in quant_kernels.KINDS)
     profile = load_default_profile()
     result = {"model": str(model), "memory": memory, "budget_bytes": budget, "window": window,
               "pin": pin, "threads": threads, "reader": reader, "density": density,
