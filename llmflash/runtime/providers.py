@@ -29,7 +29,6 @@ from llmflash.runtime.ffn import BundleSlices, ffn_from_rows, ffn_intermediate
 from llmflash.runtime.quant_ffn import quant_rows_ffn
 from llmflash.runtime.memory_plan import MemoryPlan
 from llmflash.errors import LLMFlashError
-from llmflash.runtime.read_planner import plan_reads
 from llmflash.runtime.reader import (PAGE_SIZE, FlashFile, FlashReader, PendingRead, aligned_empty,
                                      gather_bundles)
 from llmflash.format.integrity import BundleChecks
@@ -483,10 +482,8 @@ class FlashFFN(_FlashBacked):
         return plan, pending, new_rows
 
     def _plan_reads(self, layer: int, slots: np.ndarray):
-        """The reads for `slots` of `layer`, planned as the reader plans its own (background batches)."""
-        return plan_reads(slots, self.bundle_bytes, self.dir.layers[layer].offset, self.reader.profile,
-                          self.file.align, self.reader.max_read_bytes, reads=self.reader.reads,
-                          part_cuts=self.reader.part_cuts)
+        """The reads for `slots` of `layer` (background batches), planned as the reader plans its own."""
+        return self.reader.plan_bundles(self.file, self.dir.layers[layer].offset, self.bundle_bytes, slots)
 
     def _submit(self, layer: int, neurons: np.ndarray) -> PendingRead:
         """Start reading `neurons`' bundles (ascending) into the overlap staging buffer."""

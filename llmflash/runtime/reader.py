@@ -351,10 +351,7 @@ class FlashReader:
         _check_bundles_in_file(file, base_offset, bundle_bytes, wanted)
         with self._lock:
             start = time.perf_counter()
-            plan = plan_reads(
-                wanted, bundle_bytes, base_offset, self.profile, file.align, self.max_read_bytes,
-                reads=self.reads, part_cuts=self.part_cuts,
-            )
+            plan = self.plan_bundles(file, base_offset, bundle_bytes, wanted)
             staging = self.staging_for(plan.staging_bytes)
             self._run_reads(file, staging, plan, self.threads)
             _gather(staging, plan, out)
@@ -371,6 +368,12 @@ class FlashReader:
                 f"out must be uint8 of shape {(n, bundle_bytes)}, got {out.dtype} {out.shape}"
             )
         return out
+
+    def plan_bundles(self, file: FlashFile, base_offset: int, bundle_bytes: int, slots: np.ndarray) -> ReadPlan:
+        """The reads for bundles ``slots`` (ascending) as this reader plans them: its device
+        profile, read size cap, planning mode and part cuts (for ``submit_bundles`` too)."""
+        return plan_reads(slots, bundle_bytes, base_offset, self.profile, file.align, self.max_read_bytes,
+                          reads=self.reads, part_cuts=self.part_cuts)
 
     def staging_for(self, nbytes: int) -> np.ndarray:
         """The reusable staging buffer, grown geometrically so steady state never allocates.
@@ -401,7 +404,7 @@ class FlashReader:
         self, file: FlashFile, base_offset: int, bundle_bytes: int, slots: np.ndarray, plan: ReadPlan,
         staging: np.ndarray,
     ) -> PendingRead:
-        """Start reading the bundles of ``plan`` (from :func:`plan_reads` for ``slots``) into
+        """Start reading the bundles of ``plan`` (from :meth:`plan_bundles` for ``slots``) into
         ``staging`` (page-aligned, at least ``plan.staging_bytes``) and return at once.
 
         The caller keeps ``staging`` untouched until :meth:`wait`; bundle ``slots[i]`` is then at
