@@ -40,6 +40,7 @@ from llmflash.format.layout import (
     FlashModelDir,
     align_up,
     bundle_layout_for,
+    down_block_of,
     down_block_tensors,
     write_manifest,
 )
@@ -446,8 +447,9 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
 
     def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
         if q is not None and name.startswith("ffn.layers."):
-            scales, mins, _ = q.down(int(name.split(".")[2]))
-            yield np.ascontiguousarray(mins if name.endswith(".down_mins") else scales)
+            layer, is_mins = down_block_of(name)
+            scales, mins, _ = q.down(layer)
+            yield np.ascontiguousarray(mins if is_mins else scales)
             return
         t = source.read_tensor(names[name])
         if tuple(t.shape) != shape:

@@ -67,6 +67,11 @@ def down_block_tensors(config, kind: str) -> list[tuple[str, tuple[int, int]]]:
     return out
 
 
+def down_block_of(name: str) -> tuple[int, bool]:
+    """(layer, whether it holds minimums) of a tensor named by down_block_tensors."""
+    return int(name.split(".")[2]), name.endswith(".down_mins")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     for name, value in DTYPES.items():
         if value == dtype:
@@ -382,7 +387,7 @@ class FlashModelDir:
 
         scales, mins = [], []
         for name, shape in down_block_tensors(self.config, self.dtype):
-            (mins if name.endswith(".down_mins") else scales).append(take(name, shape))
+            (mins if down_block_of(name)[1] else scales).append(take(name, shape))
         self._down_scales = scales
         self._down_mins = mins or None
 

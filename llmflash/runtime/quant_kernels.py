@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from llmflash.format.quantized import BLOCK_BYTES, CODE_OFFSET, HEAD_BYTES, BundleCodec, has_mins
+from llmflash.format.quantized import BLOCK_BYTES, CODE_OFFSET, HEAD_BYTES, BundleCodec, row_bytes
 from llmflash.runtime.ffn import activate
 
 KINDS = ("int4", "int4m")  # 4-bit blocks; int8 rows take the torch route
@@ -34,13 +34,14 @@ ENABLED = True  # False: always the torch route (tests compare the two)
 
 @functools.cache
 def _kernels():
-    """The compiled kernels, or None where numba is missing (the torch route is used)."""
+    """(rows_dot, down_acc, threads) compiled, or None where numba is missing (the torch route is used)."""
     try:
         import numba
         from numba import njit, prange
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
 
     @njit(inline="always")
     def half(lo, hi):
@@ -112,7 +113,7 @@ def _kernels():
                             y[h0 + h] += m[g, h0 + h] * asum
                 i = j
 
-    return rows_dot, down_acc
+    return rows_dot, down_acc, threads
 
 
 def usable(codec: BundleCodec, x: torch.Tensor) -> bool:
@@ -127,9 +128,9 @@ def rows_ffn(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, codec: Bundl
 
     down_scales / down_mins: [K, n_ffn/32] transposed views of contiguous [n_ffn/32, K] tensors
     (FlashModelDir.down_scales), so their .t() is contiguous and passed as it is."""
-    rows_dot, down_acc = _kernels()
+    rows_dot, down_acc, threads = _kernels()
     kind, k = codec.kind, codec.k
-    rnp = raw.numpy() if raw.is_contiguous() else raw.contiguous().numpy()
+    rnp = raw.contiguous().numpy()
     xv = x.reshape(-1).to(torch.float32).contiguous().numpy()
     xs = xv.reshape(-1, 32).sum(1)
     bb, hb, off = BLOCK_BYTES[kind], HEAD_BYTES[kind], CODE_OFFSET[kind]
@@ -146,12 +147,9 @@ def rows_ffn(x: torch.Tensor, raw: torch.Tensor, ids: torch.Tensor, codec: Bundl
     groups = torch.div(ids, 32, rounding_mode="floor").numpy()
     order = np.argsort(groups, kind="stable")
     s = down_scales.t().contiguous().numpy()
-    m = (down_mins.t().contiguous().numpy() if has_mins(kind) and down_mins is not None
-         else np.zeros((0, 0), np.float32))
+    m = down_mins.t().contiguous().numpy() if down_mins is not None else np.zeros((0, 0), np.float32)
     y = np.zeros(k, np.float32)
-    import numba
-
-    parts = max(1, min(numba.get_num_threads(), k // 32))  # one slice of the outputs per thread
+    parts = max(1, min(threads, k // 32))  # one slice of the outputs per thread
     down_acc(h.reshape(-1).contiguous().numpy(), rnp, codec.spans["down"].start, off, order, groups, s, m, parts, y)
     return torch.from_numpy(y)[None]
 
@@ -161,10 +159,8 @@ def warm(kind: str) -> None:
     token's time is the model's, not the compiler's: one call on a tiny block of the same types."""
     if kind not in KINDS or _kernels() is None:
         return
-    from llmflash.format.quantized import row_bytes
-
     k = 32
-    rows_dot, down_acc = _kernels()
+    rows_dot, down_acc, _ = _kernels()
     raw = np.zeros((1, 2 * row_bytes(kind, k) + k // 2), np.uint8)
     x = np.zeros(k, np.float32)
     rows_dot(x, x[:1], raw, 0, BLOCK_BYTES[kind], HEAD_BYTES[kind], CODE_OFFSET[kind], np.zeros(1, np.float32))

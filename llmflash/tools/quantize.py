@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llmflash.format import quantized as Q
-from llmflash.format.layout import FlashModelDir, down_block_tensors
+from llmflash.format.layout import FlashModelDir, down_block_of, down_block_tensors
 from llmflash.models.base import FFNProvider
 from llmflash.runtime.ffn import BundleSlices, ffn_intermediate
 from llmflash.tools.gptq import damped_inverse_cholesky
@@ -75,8 +75,9 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, kind: str, damp: float = 0.01)
             imax = Wb.abs().argmax(1, keepdim=True)
             d = (Wb.gather(1, imax) / -8).reshape(-1)
         elif kind == "int4m":  # ggml's Q4_1: minimum, and (max - min) / 15
-            m = Wb.amin(1).to(torch.float16).float()
-            d = (Wb.amax(1) - Wb.amin(1)) / 15
+            low = Wb.amin(1)
+            m = low.to(torch.float16).float()
+            d = (Wb.amax(1) - low) / 15
         else:  # Q8_0: max |w| / 127
             d = Wb.abs().amax(1) / 127
         d = d.to(torch.float16).float()
@@ -136,8 +137,9 @@ def gptq_convert(float_dir: Path | str, dst: Path | str, kind: str, text: Path |
 
     def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
         if name.startswith("ffn.layers."):
-            scales, mins, _ = down(int(name.split(".")[2]))
-            yield np.ascontiguousarray(mins if name.endswith(".down_mins") else scales)
+            layer, is_mins = down_block_of(name)
+            scales, mins, _ = down(layer)
+            yield np.ascontiguousarray(mins if is_mins else scales)
             return
         yield _tensor_bytes(weights[name].to(tdtype))
 

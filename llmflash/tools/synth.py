@@ -48,7 +48,7 @@ from llmflash.conversion.source import TokenizerSpec
 from llmflash.conversion.writer import check_destination, write_model_dir
 from llmflash.errors import LLMFlashError
 from llmflash.format import quantized
-from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for, down_block_tensors
+from llmflash.format.layout import DTYPES, FlashModelDir, bundle_layout_for, down_block_of, down_block_tensors
 from llmflash.format.schema import expected_resident_shapes
 from llmflash.models import resident_tensor_names
 
@@ -308,7 +308,7 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
     def resident_chunks(name: str, tshape: tuple, tdtype: torch.dtype):
         if name.startswith("ffn.layers."):  # quantized down scales (minimums): one value, codes are random
             d = scales.down / QUANT_CODE_STD[dtype]
-            yield np.full(tshape, INT4M_MIN_PER_SCALE * d if name.endswith(".down_mins") else d, dtype=np.float16)
+            yield np.full(tshape, INT4M_MIN_PER_SCALE * d if down_block_of(name)[1] else d, dtype=np.float16)
             return
         kind, value = scales.resident(name, tshape)
         if len(tshape) == 1:
