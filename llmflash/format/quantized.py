@@ -268,12 +268,10 @@ def unpack_codes(packed: torch.Tensor, kind: str, k: int) -> torch.Tensor:
 def dequantize_blocks(raw: torch.Tensor, kind: str, k: int) -> torch.Tensor:
     """uint8 block rows [n, row_bytes] -> float32 [n, k]: d * q (+ m) exactly (float16 d, m widened)."""
     n = raw.shape[0]
-    blocks = raw.reshape(n, k // BLOCK, BLOCK_BYTES[kind])
-    d = blocks[..., :2].contiguous().view(torch.float16).to(torch.float32)  # [n, nb, 1]
-    codes = unpack_codes(blocks[..., HEAD_BYTES[kind]:].reshape(n, -1), kind, k).reshape(n, k // BLOCK, BLOCK)
-    w = codes.to(torch.float32).mul_(d)
-    if has_mins(kind):
-        w.add_(blocks[..., 2:4].contiguous().view(torch.float16).to(torch.float32))
+    d, m, codes = block_codes(raw, kind, k)
+    w = codes.reshape(n, k // BLOCK, BLOCK).to(torch.float32).mul_(d[..., None])
+    if m is not None:
+        w.add_(m[..., None])
     return w.reshape(n, k)
 
 
