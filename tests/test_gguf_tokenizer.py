@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 import gemma_ref
+from gguf_reference import plain_view
 
+from llmflash.conversion.gguf_source import open_gguf
 from llmflash.conversion.gguf_tokenizer import tokenizer_spec
 from llmflash.errors import LLMFlashError
 
@@ -90,7 +92,7 @@ LINES = mixed_lines()
 
 def gguf_meta(path: Path):
     """metadata key -> plain value (None when absent), as GGUFSource._meta gives it."""
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
 
     def meta(key: str):
         field = reader.fields.get(key)
@@ -112,7 +114,8 @@ def ours_for(path: Path, arch: str | None = None):
 
 def reference_for(path: Path):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with plain_view():
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def assert_same_pipeline(ours_json: str, ref) -> None:

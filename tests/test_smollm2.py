@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gguf_reference import plain_view
 from llmflash.conversion.writer import convert
 from llmflash.runtime.engine import Engine
 
@@ -26,8 +27,9 @@ def reference(smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=smollm2_gguf.name)
-    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
+    with plain_view():
+        tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
     return tok, model.eval()
 
 

@@ -19,6 +19,7 @@ and gate|up ffn_up) are kept fused here and split by the writer (convert/fused.p
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -61,6 +62,35 @@ def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def open_gguf(path: Path):
+    """gguf.GGUFReader over `path`, with its file map seen as a plain ndarray (plain_view_reader)."""
+    return plain_view_reader()(path)
+
+
+@functools.cache
+def plain_view_reader() -> type:
+    """A gguf.GGUFReader subclass whose `data` (the file's memmap) is held as a plain ndarray view.
+
+    The reader slices `data` once per metadata value, and each np.memmap slice runs memmap's
+    `__array_finalize__`: a 262k-token vocabulary (Gemma 3) took 23 s to open. A plain ndarray view
+    of the same map reads the same bytes (the map stays alive as its base) and opened that file in
+    7 s. Only the reader's public `data` attribute is changed, so a gguf release that no longer
+    assigns a memmap there gets the stock behaviour.
+    """
+    import gguf
+
+    class PlainViewReader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value) -> None:
+            self._plain_data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainViewReader
+
+
 class GGUFSource:
     """A GGUF file of architecture "llama", seen through the `ModelSource` interface.
 
@@ -78,7 +108,7 @@ class GGUFSource:
             import gguf
 
             self._gguf = gguf
-            self._reader = gguf.GGUFReader(self.path)
+            self._reader = open_gguf(self.path)
         except Exception as exc:  # the reader raises ValueError, IndexError, OSError... on bad bytes
             raise LLMFlashError(
                 f"cannot read GGUF file {self.path} (not a GGUF file, or truncated or corrupt): {exc}"
@@ -472,14 +502,19 @@ class GGUFSource:
         return self._by_gguf_name[self._gguf_name(name)].tensor_type.name
 
     def read_blocks(self, name: str) -> np.ndarray:
-        """A Q8_0 / Q4_0 tensor's bytes as stored, uint8 [rows, row bytes] in HF orientation (rows
-        of GGUF blocks along the innermost axis, which is HF's input axis): nothing re-rounded.
-        Only for tensors llama.cpp stores unpermuted (the FFN's)."""
+        """A Q8_0 / Q4_0 / Q4_1 tensor's bytes as stored, uint8 [rows, row bytes] in HF orientation
+        (rows of GGUF blocks along the innermost axis, which is HF's input axis) and HF row order
+        (llama's q/k rows put back as read_tensor does: a row of blocks moves as a row of weights):
+        nothing re-rounded. Matrices only: what gguf_tensor_fix changes are norm vectors."""
         gguf_name = self._gguf_name(name)
         t = self._by_gguf_name[gguf_name]
         shape = self._gguf_shape(gguf_name)
         rows = int(np.prod(shape[:-1]))
-        return np.array(t.data, dtype=np.uint8, copy=True).reshape(rows, -1)
+        out = np.array(t.data, dtype=np.uint8, copy=True).reshape(rows, -1)
+        if not self._generic and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = self._config["num_attention_heads" if gguf_name.endswith("q.weight") else "num_key_value_heads"]
+            out = np.ascontiguousarray(_reverse_llama_permute(torch.from_numpy(out), heads).numpy())
+        return out
 
     def _gguf_name(self, name: str) -> str:
         gguf_name = self._hf_to_gguf.get(name)
