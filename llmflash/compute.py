@@ -54,8 +54,11 @@ def chunk_rows(width: int) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), x [T, in] at the activation dtype, weight [out, in] at any dtype;
-    the result has x's dtype."""
+    """x @ weight.T (+ bias), x [T, in] at the activation dtype, weight [out, in] at any dtype (or
+    an object with its own `linear`, e.g. a matrix held in blocks: runtime/quant_matrix.py); the
+    result has x's dtype."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x, bias)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     if x.dim() == 2 and x.shape[0] == 1:

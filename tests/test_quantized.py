@@ -214,8 +214,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path: Path, hf_model, ffn_type, bad_type=None) -> None:
-    """A tiny llama as llama.cpp writes it, FFN tensors in `ffn_type` blocks, the rest float32."""
+def _write_gguf(path: Path, hf_model, ffn_type, bad_type=None, attn_type=None) -> None:
+    """A tiny llama as llama.cpp writes it, FFN tensors in `ffn_type` blocks (attention matrices in
+    `attn_type` blocks when given), the rest float32."""
     cfg = hf_model.config
     sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     w = gguf.GGUFWriter(path, "llama")
@@ -238,10 +239,13 @@ def _write_gguf(path: Path, hf_model, ffn_type, bad_type=None) -> None:
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        w.add_tensor(b + "attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
-        w.add_tensor(b + "attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
-        w.add_tensor(b + "attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        w.add_tensor(b + "attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        for g, t in (("attn_q", _permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads)),
+                     ("attn_k", _permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads)),
+                     ("attn_v", sd[p + "self_attn.v_proj.weight"]), ("attn_output", sd[p + "self_attn.o_proj.weight"])):
+            if attn_type is None:
+                w.add_tensor(b + g + ".weight", t)
+            else:
+                w.add_tensor(b + g + ".weight", gguf.quants.quantize(t, attn_type), raw_dtype=attn_type)
         for g, h in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
             t = sd[p + f"mlp.{h}.weight"]
             typ = bad_type if (bad_type is not None and i == 1 and g == "ffn_up") else ffn_type
@@ -419,3 +423,137 @@ def test_compiled_row_kernels_equal_the_torch_route(kind, family, act, threshold
     monkeypatch.setattr(quant_kernels, "ENABLED", False)
     want = quant_rows_ffn(x, raw, ids, codec, scales, act, threshold, mins)
     assert _rel(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------ resident matrices in blocks
+
+
+def _held_bytes(engine) -> int:
+    """What an engine holds of the resident part: its weights and the down scales (float32)."""
+    total = sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
+                for w in engine.weights.values())
+    d = engine.dir
+    total += sum(t.numel() * 4 for t in d._down_scales + (d._down_mins or []))
+    return total
+
+
+@pytest.mark.parametrize("dt", Q.KINDS)
+def test_resident_blocks_kept_from_a_gguf_and_charged_as_held(tiny, tmp_path, dt):
+    """--resident-dtype in a GGUF's own block format: its attention blocks are kept (the q/k rows
+    put back in HF order as for float tensors), the memory plan charges what the engine holds, and
+    flash equals dense on the model as stored and dequantized."""
+    from llmflash.runtime.memory_plan import resident_bytes_at
+    from llmflash.runtime.quant_matrix import QuantizedMatrix
+
+    _, models = tiny
+    src = tmp_path / "attn.gguf"
+    _write_gguf(src, models["llama-relu"][1], GGML[dt], attn_type=GGML[dt])
+    q = convert(src, tmp_path / "q", dtype="auto", resident_dtype=dt, progress=False)
+    ref = FlashModelDir(convert(src, tmp_path / "f32", dtype="float32", progress=False))  # gguf's dequantization
+    d = FlashModelDir(q)
+    assert d.manifest["resident_dtype"] == dt and set(d.resident_blocks.values()) == {dt}
+    assert len(d.resident_blocks) == 10  # 8 attention matrices, the embedding, the head
+    assert d.manifest["quantization"]["resident"] == {"kept_tensors": 8, "requantized": {}}
+    ours, want = d.load_resident(torch.float32), ref.load_resident(torch.float32)
+    for layer in range(2):
+        for proj in ("q", "k", "v", "o"):
+            name = f"model.layers.{layer}.self_attn.{proj}_proj.weight"
+            assert torch.equal(ours[name], want[name]), name
+    # float32 embeddings are quantized as the rows of any matrix
+    embed = want["model.embed_tokens.weight"]
+    assert torch.equal(ours["model.embed_tokens.weight"],
+                       Q.dequantize_blocks(torch.from_numpy(Q.quantize_rows(embed.numpy(), dt)), dt, embed.shape[1]))
+    e = Engine(q)
+    assert all(isinstance(e.weights[n], QuantizedMatrix) for n in ours if ours[n].dim() == 2 and n in e.weights)
+    assert sum(isinstance(w, QuantizedMatrix) for w in e.weights.values()) == 10  # 8 attention, embedding, head
+    assert resident_bytes_at(d, torch.uint8) == _held_bytes(e)
+    assert resident_bytes_at(d, torch.uint8) < (0.8 if dt == "int8" else 0.5) * resident_bytes_at(ref, torch.float16)
+    # auto: each matrix at its own GGUF type's format (attention kept), float ones at float16
+    auto = FlashModelDir(convert(src, tmp_path / "auto", dtype="auto", resident_dtype="auto", progress=False))
+    assert auto.resident_blocks == {n: dt for n in d.resident_blocks if "self_attn" in n}
+    assert auto.manifest["quantization"]["resident"] == {"kept_tensors": 8, "requantized": {}}
+    mixed = auto.load_resident(torch.float32)
+    for n in (n for n in want if not n.startswith("ffn.")):  # blocks kept; float32 matrices at float16
+        assert torch.equal(mixed[n], want[n] if n in auto.resident_blocks or want[n].dim() == 1
+                           else want[n].half().float()), n
+    dense32 = _logits(q, "dense", torch.float32)
+    # SiLU: every neuron selected (magnitude at density 1; its gate and up copies are charged too)
+    flash = lambda dtype: _logits(q, "flash", dtype, "magnitude", memory="400%", density=1.0)  # noqa: E731
+    assert _rel(flash(torch.float32), dense32) < 1e-5
+    # as stored: products on torch's int4 kernel (bfloat16 activations), lookups exact
+    dense = _logits(q, "dense")
+    assert _rel(dense, dense32) < 2e-2
+    assert _rel(flash(None), dense) < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["llama-relu", "opt"])
+def test_resident_blocks_from_float_weights(tiny, tmp_path, kind):
+    """From an HF checkpoint: every resident matrix rounded to int4 blocks. OPT ties its head to the
+    token embedding (held packed for the head and as blocks for lookups) and looks up positions."""
+    from llmflash.runtime.memory_plan import resident_bytes_at
+
+    root, models = tiny
+    q = convert(root / kind, tmp_path / "q", dtype="int4", resident_dtype="int4", progress=False)
+    d = FlashModelDir(q)
+    e = Engine(q)
+    assert resident_bytes_at(d, torch.uint8) == _held_bytes(e)
+    embed = e.weights[e.model.embed_name]
+    assert (embed.raw is not None, embed.packed is not None) == (True, kind == "opt")
+    _, model = models[kind]
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0]
+    # 4-bit rounding of every matrix of hidden 64 moves logits (0.88-0.96 cosine measured); a
+    # misplaced row or block would leave them unrelated (near 0)
+    ours = Engine(q, dtype=torch.float32).logits(IDS)
+    assert float(torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min()) > 0.8
+    dense32 = _logits(q, "dense", torch.float32)
+    assert _rel(_logits(q, "flash", torch.float32, "exact", memory="40%"), dense32) < 1e-5
+    assert _rel(_logits(q, "flash", None, "exact", memory="40%"), dense32) < 2e-2
+
+
+def test_block_matrix_from_blocks_pads_and_chunks():
+    """Rows packed in chunks of 64 equal rows packed at once (the kernel interleaves rows within
+    groups of 64); a row count that is not a multiple of 16 is padded and cut back; the product is
+    the stored weights' within bfloat16 rounding."""
+    from llmflash.runtime.quant_ffn import BlockMatrix
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((136, 96)).astype(np.float32)  # chunks of 64, 64, 8 (+8 rows of padding)
+    x = torch.from_numpy(rng.standard_normal((3, 96)).astype(np.float32))
+    for kind in Q.KINDS:
+        raw = torch.from_numpy(Q.quantize_rows(w, kind))
+        whole, chunked = BlockMatrix.from_blocks(raw, kind, 96), BlockMatrix.from_blocks(raw, kind, 96, chunk_rows=64)
+        assert torch.equal(whole.w, chunked.w) and torch.equal(whole.sz, chunked.sz)
+        y = whole(x)
+        assert y.shape == (3, 136) and torch.equal(y, chunked(x))
+        exact = x @ Q.dequantize_blocks(raw, kind, 96).t()
+        assert _rel(y, exact) < 1e-2, kind
+
+
+def test_resident_blocks_cli_and_a_manifest_that_lies(tiny, tmp_path):
+    root, _ = tiny
+    dst = tmp_path / "m"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "llmflash", *a], capture_output=True, text=True)  # noqa: E731
+    proc = run("convert", str(root / "opt"), str(dst), "--dtype", "int4m", "--resident-dtype", "int4m", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert run("verify", str(dst)).returncode == 0
+    gen = run("generate", str(dst), "--ids", "1,5,9", "--max-new-tokens", "4", "--mode", "flash",
+              "--sparsity", "exact", "--memory", _budget(dst, None, 0.6), "--json", "--ignore-eos")
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout)["token_ids"]) == 4
+    # a manifest that says a matrix is int8 while its blocks are int4m: an edit breaks its seal;
+    # sealed again (write_manifest), the tensor's size disagrees with what the config implies
+    from llmflash.format.layout import write_manifest
+
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["resident_blocks"]["model.decoder.layers.1.self_attn.v_proj.weight"] = "int8"
+    for reseal, says in ((False, "corrupted manifest"), (True, "the config implies")):
+        if reseal:
+            manifest.pop("manifest_sha256", None)
+            write_manifest(dst, manifest)
+        else:
+            (dst / "manifest.json").write_text(json.dumps(manifest))
+        bad = run("generate", str(dst), "--ids", "1,5,9", "--max-new-tokens", "2")
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr
+        assert says in lines[0] and str(dst) in lines[0], lines[0]

@@ -18,9 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "bundles in GGUF's Q8_0/Q4_0/Q4_1 blocks (docs/FORMAT.md); auto: a quantized "
                         "GGUF's nearest block format (its Q8_0/Q4_0/Q4_1 blocks copied as they are), "
                         "else float16")
-    p.add_argument("--resident-dtype", default=None, choices=["float16", "bfloat16", "float32"],
+    p.add_argument("--resident-dtype", default=None,
+                   choices=["float16", "bfloat16", "float32", "int8", "int4", "int4m", "auto"],
                    help="int8/int4/int4m models: dtype of the resident matrices (embeddings, attention, "
-                        "head; default float16)")
+                        "head; default float16); int8/int4/int4m: GGUF blocks as for the bundles, a GGUF's "
+                        "tensors already in that format kept as they are; auto: each GGUF matrix in the "
+                        "block format nearest its own type, float ones at float16")
     p.add_argument("--gptq", type=Path, default=None, metavar="TEXT",
                    help="int8/int4/int4m: choose the blocks by GPTQ against the model's activations on this "
                         "UTF-8 text (calibration) instead of rounding to nearest (llmflash/tools/quantize.py)")

@@ -20,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16",
                    choices=["float16", "bfloat16", "float32", "int8", "int4", "int4m"],
                    help="storage dtype of the weights (default float16); int8/int4/int4m: bundles in "
-                        "Q8_0/Q4_0/Q4_1 blocks, resident matrices float16 (docs/FORMAT.md)")
+                        "Q8_0/Q4_0/Q4_1 blocks, resident matrices at --resident-dtype (docs/FORMAT.md)")
+    p.add_argument("--resident-dtype", default=None,
+                   choices=["float16", "bfloat16", "float32", "int8", "int4", "int4m"],
+                   help="int8/int4/int4m models: dtype of the resident matrices (default float16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.shape is None) == (args.config is None):
         raise LLMFlashError("give either a preset SHAPE or --config config.json")
     model = synth(args.shape, args.dst, dtype=args.dtype, seed=args.seed, config_path=args.config,
-                  force=args.force, progress=not args.quiet)
+                  force=args.force, progress=not args.quiet, resident_dtype=args.resident_dtype)
     sizes = model.weights_nbytes()
     print(f"wrote {model.path}: synthetic {model.config.model_type}, {model.config.num_layers} layers, "
           f"resident {sizes['resident'] / 2**20:.1f} MiB, FFN bundles {sizes['ffn'] / 2**20:.1f} MiB "

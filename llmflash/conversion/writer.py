@@ -45,7 +45,7 @@ from llmflash.format.layout import (
     write_manifest,
 )
 
-_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8"}
 
 
 def open_source(src: Path) -> ModelSource:
@@ -167,31 +167,47 @@ class _HashingWriter:
         return {"bytes": self.size, "sha256": self.sha.hexdigest()}
 
 
-def _resident_dtype(shape: tuple[int, ...], dtype: torch.dtype, name: str = "") -> torch.dtype:
-    # 1-D tensors (norm weights, biases) are tiny: keep them in float32 for accuracy. A quantized
-    # model's down-projection block scales are float16, as in the block format.
+def resident_storage(name: str, shape: tuple[int, ...], resident_dtype: str,
+                     kinds: dict[str, str] | None = None) -> tuple[torch.dtype, tuple]:
+    """(stored torch dtype, stored shape) of one resident tensor.
+
+    1-D tensors (norm weights, biases) are tiny: kept in float32 for accuracy. A quantized model's
+    down-projection block scales are float16, as in the block format. Matrices are stored at
+    `resident_dtype`; a block format (int8/int4/int4m) stores a [rows, k] matrix as uint8 [rows,
+    row bytes], each row its k/32 blocks (GGUF's layout), and a matrix whose rows are not whole
+    blocks at float16. "auto": each matrix in its block format in `kinds`, float16 if absent.
+    """
+    if resident_dtype == "auto":
+        resident_dtype = (kinds or {}).get(name, "float16")
     if name.startswith("ffn.layers."):
-        return torch.float16
-    return torch.float32 if len(shape) <= 1 else dtype
+        return torch.float16, tuple(shape)
+    if len(shape) <= 1:
+        return torch.float32, tuple(shape)
+    if quantized.is_quantized(resident_dtype):
+        if len(shape) == 2 and shape[1] % quantized.BLOCK == 0:
+            return torch.uint8, (shape[0], quantized.row_bytes(resident_dtype, shape[1]))
+        return torch.float16, tuple(shape)
+    return DTYPES[resident_dtype], tuple(shape)
 
 
 # What a model's tensors are made of, for write_model_dir: the resident tensors as (name, shape)
 # in file order with a function giving each one's bytes in pieces (rows in order) at the dtype it
-# is stored in, and a function giving one FFN layer's bundles in pieces (neurons in order).
+# is stored in (torch.uint8: rows of blocks of the model's resident block format, see
+# resident_storage), and a function giving one FFN layer's bundles in pieces (neurons in order).
 ResidentChunks = Callable[[str, tuple, torch.dtype], Iterable]
 LayerChunks = Callable[[int], Iterable]
 
 
 def _write_resident(path: Path, plan: list[tuple[str, tuple]], chunks: ResidentChunks,
-                    dtype: torch.dtype, bar: tqdm) -> dict:
+                    resident_dtype: str, kinds: dict[str, str] | None, bar: tqdm) -> dict:
     """A safetensors file written tensor by tensor (the header is computed from shapes first)."""
     header: dict[str, dict] = {}
     offset = 0
     sized = []
     for name, shape in plan:
-        tdtype = _resident_dtype(shape, dtype, name)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=tdtype).element_size()
-        header[name] = {"dtype": _ST_NAMES[tdtype], "shape": list(shape),
+        tdtype, stored = resident_storage(name, shape, resident_dtype, kinds)
+        nbytes = int(np.prod(stored, dtype=np.int64)) * torch.empty((), dtype=tdtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[tdtype], "shape": list(stored),
                         "data_offsets": [offset, offset + nbytes]}
         sized.append((name, shape, tdtype, nbytes))
         offset += nbytes
@@ -257,22 +273,30 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
                     resident_chunks: ResidentChunks, layer_chunks: LayerChunks,
                     tokenizer: TokenizerSpec, source: dict, extra: dict | None = None,
                     progress: bool = True, desc: str = "convert",
-                    resident_dtype: str | None = None) -> FlashModelDir:
+                    resident_dtype: str | None = None,
+                    resident_kinds: dict[str, str] | None = None) -> FlashModelDir:
     """Write a model directory in the flash layout under a temporary name, renamed when complete.
 
     `resident` lists the resident tensors (HF names, shapes) in file order; `resident_chunks` and
     `layer_chunks` give their bytes piece by piece, so at most one piece is in memory at a time.
     `extra` adds fields to the manifest (e.g. "synthetic"). A quantized `dtype` (int8/int4) stores
     the bundles in blocks (format/quantized.py) and resident matrices at `resident_dtype` (default
-    float16); `resident` must then list the down scales (layout.down_block_tensors) too.
+    float16; a block format too, or "auto" with each matrix's block format in `resident_kinds`:
+    resident_storage); `resident` must then list the down scales (layout.down_block_tensors) too.
+    The manifest records `resident_dtype` and, for matrices stored in blocks, `resident_blocks`
+    (name -> block format).
     """
     dst = Path(dst)
+    if (resident_dtype is not None and resident_dtype not in DTYPES and resident_dtype != "auto"
+            and not quantized.is_quantized(resident_dtype)):
+        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of "
+                            f"{sorted(DTYPES) + list(quantized.KINDS)}")
     if quantized.is_quantized(dtype):
         resident_dtype = resident_dtype or "float16"
     elif resident_dtype not in (None, dtype):
         raise LLMFlashError(f"a {dtype} model keeps its resident tensors at {dtype} (resident dtype is an "
-                            "option of int8/int4 models)")
-    torch_dtype = DTYPES[resident_dtype or dtype]
+                            "option of int8/int4/int4m models)")
+    resident_dtype = resident_dtype or dtype
     bundle = bundle_layout_for(config, dtype)
     remove_stale(dst.parent, f".{dst.name}.")  # left by a killed conversion (format/tempfiles.py)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
@@ -281,13 +305,18 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        total = sum(int(np.prod(shape)) * torch.empty((), dtype=_resident_dtype(shape, torch_dtype, name))
-                    .element_size() for name, shape in resident)
+        total = 0
+        blocks: dict[str, str] = {}  # resident matrices stored in blocks -> their format
+        for name, shape in resident:
+            tdtype, stored = resident_storage(name, shape, resident_dtype, resident_kinds)
+            total += int(np.prod(stored)) * torch.empty((), dtype=tdtype).element_size()
+            if tdtype == torch.uint8:
+                blocks[name] = resident_kinds[name] if resident_dtype == "auto" else resident_dtype
         total += config.num_layers * config.intermediate_size * bundle.nbytes
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
         files: dict[str, dict] = {}
         files[RESIDENT_FILE] = _write_resident(tmp / RESIDENT_FILE, resident, resident_chunks,
-                                               torch_dtype, bar)
+                                               resident_dtype, resident_kinds, bar)
         files[FFN_FILE], regions, digests = _write_ffn(tmp / FFN_FILE, config.num_layers,
                                                        config.intermediate_size, bundle.nbytes, layer_chunks, bar)
         # per-bundle digests for flash's scattered reads (format/integrity.py)
@@ -301,6 +330,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
             "source": source,
             "dtype": dtype,
             **({"resident_dtype": resident_dtype} if quantized.is_quantized(dtype) else {}),
+            **({"resident_blocks": blocks} if blocks else {}),
             "config": config.to_dict(),
             "files": files,
             "ffn": {"file": FFN_FILE, "alignment": ALIGNMENT, "bundle": bundle.to_dict(),
@@ -405,12 +435,17 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
     dtype: float16, bfloat16, float32, or the block formats int8 / int4 / int4m (format/quantized.py),
     or "auto": a GGUF whose FFN tensors are quantized goes to the nearest block format (Q8_0, Q5_*,
     Q6_K -> int8; Q4_0 -> int4; Q4_1, Q4_K, Q2_K, Q3_K -> int4m), anything else to float16.
-    resident_dtype: for int8/int4/int4m, the dtype of the resident matrices (default float16)."""
+    resident_dtype: for int8/int4/int4m, the dtype of the resident matrices (default float16): a
+    float dtype or a block format (a GGUF's tensors already in that format are kept block for
+    block), or "auto": each matrix of a GGUF in the block format nearest its own type (as `dtype`
+    auto does for the FFN), float ones at float16."""
     if dtype != "auto" and dtype not in DTYPES and not quantized.is_quantized(dtype):
         raise LLMFlashError(f"unsupported storage dtype {dtype!r}; choose one of "
                             f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
-    if resident_dtype is not None and resident_dtype not in DTYPES:
-        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of {sorted(DTYPES)}")
+    if (resident_dtype is not None and resident_dtype not in DTYPES and resident_dtype != "auto"
+            and not quantized.is_quantized(resident_dtype)):
+        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of "
+                            f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
     dst = Path(dst)
     check_destination(dst, force)
     source = open_source(Path(src))
@@ -445,17 +480,34 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
         torch_dtype = DTYPES[dtype]
         layer_chunks = lambda layer: [_layer_bundles(source, config, layer, names, torch_dtype)]  # noqa: E731
 
+    resident_kinds = _resident_kinds(source, plan, names) if resident_dtype == "auto" else None
+    resident_q: dict[str, _Quantizer] = {}  # block format -> the quantizer of resident matrices
+
+    def resident_blocks(name: str) -> np.ndarray:
+        kind = resident_kinds[name] if resident_kinds is not None else resident_dtype
+        rq = resident_q.setdefault(kind, _Quantizer(source, config, names, kind))
+        out = rq.blocks(name)
+        requantized: dict[str, int] = {}
+        for one in resident_q.values():
+            for typ, tensors in one.requantized.items():
+                requantized[typ] = requantized.get(typ, 0) + len(tensors)
+        extra["quantization"]["resident"] = {"kept_tensors": sum(len(r.kept) for r in resident_q.values()),
+                                             "requantized": dict(sorted(requantized.items()))}
+        return out
+
     def resident_chunks(name: str, shape: tuple, tdtype: torch.dtype):
         if q is not None and name.startswith("ffn.layers."):
             layer, is_mins = down_block_of(name)
             scales, mins, _ = q.down(layer)
             yield np.ascontiguousarray(mins if is_mins else scales)
             return
-        t = source.read_tensor(names[name])
-        if tuple(t.shape) != shape:
-            raise LLMFlashError(f"tensor {names[name]} in {source.path} has shape {tuple(t.shape)}, "
-                                f"header says {shape}")
-        yield _tensor_bytes(t.to(tdtype))
+        if tuple(source.tensor_shape(names[name])) != shape:
+            raise LLMFlashError(f"tensor {names[name]} in {source.path} has shape "
+                                f"{tuple(source.tensor_shape(names[name]))}, header says {shape}")
+        if tdtype == torch.uint8:  # a matrix in a resident block format
+            yield resident_blocks(name)
+            return
+        yield _tensor_bytes(source.read_tensor(names[name]).to(tdtype))
 
     def chunks(layer: int):
         out = layer_chunks(layer)
@@ -467,7 +519,25 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
     return write_model_dir(
         dst, config, dtype, plan, resident_chunks, chunks, source.tokenizer(),
         {"path": str(Path(src).resolve()), "kind": "gguf" if Path(src).is_file() else "hf"},
-        extra=extra, progress=progress, desc=f"convert {Path(src).name}", resident_dtype=resident_dtype)
+        extra=extra, progress=progress, desc=f"convert {Path(src).name}", resident_dtype=resident_dtype,
+        resident_kinds=resident_kinds)
+
+
+def _resident_kinds(source: ModelSource, plan: list[tuple[str, tuple]], names: dict[str, str]) -> dict[str, str]:
+    """Resident matrix -> the block format nearest its own GGUF type (NEAREST_KIND), for
+    `--resident-dtype auto`; float tensors (and any source that is not a GGUF) are left out."""
+    typ = getattr(source, "tensor_type", None)
+    if typ is None:
+        return {}
+    from llmflash.conversion.gguf_source import NEAREST_KIND
+
+    kinds = {}
+    for name, shape in plan:
+        if len(shape) == 2 and not name.startswith("ffn.") and shape[1] % quantized.BLOCK == 0:
+            kind = NEAREST_KIND.get(typ(names[name]))
+            if kind is not None:
+                kinds[name] = kind
+    return kinds
 
 
 def _auto_dtype(source: ModelSource, config: ModelConfig, names: dict[str, str]) -> str:

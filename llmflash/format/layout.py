@@ -37,7 +37,7 @@ ALIGNMENT = 4096
 HASH_CHUNK = 8 << 20
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "U8": torch.uint8}
 NUMPY_VIEW = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 # Storage dtypes of the weights: the float ones above and the block formats of format/quantized.py
 STORAGE_DTYPES = (*DTYPES, *quantized.KINDS)
@@ -324,6 +324,9 @@ class FlashModelDir:
     def load_resident(self, dtype: torch.dtype | None = torch.float32, verify: bool = True) -> dict[str, torch.Tensor]:
         """All resident tensors, cast to `dtype` (None: each as stored), read once and hashed on the way.
 
+        Matrices stored in the resident block format (uint8 rows of blocks, `resident_blocks`) come
+        as stored with dtype None (runtime.quant_matrix holds them), else dequantized to `dtype`.
+
         The file is read sequentially with plain reads straight into each tensor's memory (no
         mmap), so peak memory is the resident set itself, not file pages plus copies, and the
         checksum costs no second pass over the disk.
@@ -342,7 +345,8 @@ class FlashModelDir:
                 h.update(raw_len)
                 h.update(header_raw)
                 header = json.loads(header_raw)
-                entries = schema.check_resident_header(header, size - 8 - header_len, self.config, str(path))
+                entries = schema.check_resident_header(header, size - 8 - header_len, self.config, str(path),
+                                                       self.resident_blocks)
                 pos = 0
                 for name, info in entries:
                     begin, end = info["data_offsets"]
@@ -354,7 +358,12 @@ class FlashModelDir:
                     if len(view) != end - begin or f.readinto(view) != end - begin:
                         raise ValueError(f"tensor {name} is cut short")
                     h.update(view)
-                    out[name] = t if dtype is None or stored == dtype else t.to(dtype)
+                    if dtype is None or stored == dtype:
+                        out[name] = t
+                    elif stored == torch.uint8:
+                        out[name] = self.dequantize_resident(name, t).to(dtype)
+                    else:
+                        out[name] = t.to(dtype)
                     pos = end
                 tail = f.read()
                 h.update(tail)
@@ -364,6 +373,17 @@ class FlashModelDir:
         if verify and h.hexdigest() != self.files[RESIDENT_FILE]["sha256"]:
             raise LLMFlashError(f"checksum mismatch: {path}; run `llmflash verify`")
         return out
+
+    @property
+    def resident_blocks(self) -> dict[str, str]:
+        """Resident matrices stored in blocks -> their block format (int8/int4/int4m); empty when
+        every resident matrix is float (manifest `resident_blocks`)."""
+        return dict(self.manifest.get("resident_blocks") or {})
+
+    def dequantize_resident(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """Resident matrix `name` stored in blocks (uint8 [rows, row bytes]) -> float32 [rows, k]."""
+        kind = self.resident_blocks[name]
+        return quantized.dequantize_blocks(raw, kind, raw.shape[1] // quantized.BLOCK_BYTES[kind] * quantized.BLOCK)
 
     # -- FFN bundles ---------------------------------------------------------------------------
     @property

@@ -371,7 +371,15 @@ def validate_manifest(manifest: dict, root: Path, where: str) -> dict:
     if "source" in manifest:
         c.dict(manifest["source"], "source")
     if manifest.get("resident_dtype") is not None:  # int8/int4 models: resident matrices' dtype
-        c.str(manifest["resident_dtype"], "resident_dtype", ("float16", "bfloat16", "float32"))
+        from llmflash.format import quantized
+
+        c.str(manifest["resident_dtype"], "resident_dtype", ("float16", "bfloat16", "float32", "auto", *quantized.KINDS))
+    if manifest.get("resident_blocks") is not None:  # resident matrices stored in blocks -> format
+        from llmflash.format import quantized
+
+        c.dict(manifest["resident_blocks"], "resident_blocks")
+        for name, kind in manifest["resident_blocks"].items():
+            c.str(kind, f"resident_blocks.{name}", quantized.KINDS)
     if manifest.get("quantization") is not None:  # int8/int4 models: what was kept, what requantized
         c.dict(manifest["quantization"], "quantization")
     if manifest.get("synthetic") is not None:  # tools/synth.py: random weights, said once at load
@@ -480,15 +488,21 @@ def _check_permutation(c: _Check, order: Any, n: int, field: str) -> None:
         raise c.fail(field, f"is not a permutation of 0..{n - 1}")
 
 
-def check_resident_header(header: Any, file_size: int, config: ModelConfig, where: str) -> list[tuple]:
+def check_resident_header(header: Any, file_size: int, config: ModelConfig, where: str,
+                          blocks: dict[str, str] | None = None) -> list[tuple]:
     """Entries of a resident safetensors header, checked against the file size and the config.
 
     Returns (name, info) sorted by data offset. Refuses unknown dtypes, negative or overlapping
     offsets, sizes that disagree with the shape, missing tensors and shapes the config contradicts.
+    U8 tensors are matrices stored in a block format (`blocks`, the manifest's resident_blocks:
+    name -> int8/int4/int4m): [rows, row bytes], checked against the [rows, k] the config implies.
     """
+    from llmflash.format import quantized
+
     if not isinstance(header, dict):
         raise LLMFlashError(f"cannot read {where}: the safetensors header is not an object")
-    sizes = {"F16": 2, "BF16": 2, "F32": 4}
+    blocks = blocks or {}
+    sizes = {"F16": 2, "BF16": 2, "F32": 4, **({"U8": 1} if blocks else {})}
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -510,9 +524,21 @@ def check_resident_header(header: Any, file_size: int, config: ModelConfig, wher
     entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
     expected = expected_resident_shapes(config)
     present = {name: tuple(info["shape"]) for name, info in entries}
+    stored_as_blocks = {name for name, info in entries if info["dtype"] == "U8"}
+    if stored_as_blocks != set(blocks):
+        name = sorted(stored_as_blocks ^ set(blocks))[0]
+        raise LLMFlashError(f"{where}: tensor {name} is {'' if name in stored_as_blocks else 'not '}stored in "
+                            "blocks (U8), which the manifest's resident_blocks contradicts")
+    for name in sorted(stored_as_blocks - expected.keys()):
+        raise LLMFlashError(f"{where}: tensor {name} is stored in blocks (U8) but is no matrix the config implies")
     for name, shape in expected.items():
         if name not in present:
             raise LLMFlashError(f"{where} has no tensor {name}, which the config needs")
+        if name in stored_as_blocks:
+            if len(shape) != 2 or shape[1] % quantized.BLOCK:
+                raise LLMFlashError(f"{where}: tensor {name} is stored in blocks, but its rows of {shape[-1]} "
+                                    f"are not whole blocks of {quantized.BLOCK}")
+            shape = (shape[0], quantized.row_bytes(blocks[name], shape[1]))
         if present[name] != shape:
             raise LLMFlashError(f"{where}: tensor {name} has shape {list(present[name])}, the config implies "
                                 f"{list(shape)}")

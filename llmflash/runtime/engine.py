@@ -135,13 +135,22 @@ def weight_dtype(model_dir: FlashModelDir, dtype: torch.dtype | None) -> torch.d
 
 
 def load_weights(model_dir: FlashModelDir, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Resident tensors: matrices at `dtype` (QUANTIZED_ROWS: as stored), vectors (norms, biases)
-    as stored (float32). A quantized model's down scales go to model_dir (down_scales)."""
+    """Resident tensors: matrices at `dtype` (QUANTIZED_ROWS: as stored; matrices stored in blocks
+    are then held by runtime.quant_matrix), vectors (norms, biases) as stored (float32). A
+    quantized model's down scales go to model_dir (down_scales)."""
     weights = model_dir.load_resident(None)
     if model_dir.quantized:
         model_dir.set_down_scales(weights)
+    if dtype == QUANTIZED_ROWS:
+        if model_dir.resident_blocks:
+            from llmflash.runtime.quant_matrix import hold
+
+            hold(weights, model_dir.resident_blocks)
+        return weights
     for name, t in weights.items():
-        if t.dim() >= 2 and t.dtype != dtype and dtype != QUANTIZED_ROWS:
+        if t.dtype == torch.uint8:  # blocks, dequantized exactly, then cast
+            weights[name] = model_dir.dequantize_resident(name, t).to(dtype)
+        elif t.dim() >= 2 and t.dtype != dtype:
             weights[name] = t.to(dtype)
     return weights
 

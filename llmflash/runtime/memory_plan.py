@@ -63,22 +63,39 @@ def model_weight_bytes(model_dir: FlashModelDir) -> int:
 
 def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     """DRAM bytes of the resident tensors as the engine holds them (runtime.engine.load_weights):
-    matrices at the weights' dtype, vectors (norms, biases) as stored."""
+    matrices at the weights' dtype, vectors (norms, biases) as stored, a quantized model's down
+    scales at float32 (FlashModelDir.set_down_scales widens them). Held as stored, matrices
+    stored in blocks take what runtime.quant_matrix holds for their roles (packed for products,
+    the stored rows for lookups, both for a tied embedding)."""
     from safetensors import safe_open
+
+    from llmflash.format.quantized import BLOCK, BLOCK_BYTES
+    from llmflash.runtime.quant_matrix import held_bytes, roles
 
     as_stored = dtype == torch.uint8  # QUANTIZED_ROWS: an int8/int4 model's matrices as stored
     item = torch.empty((), dtype=dtype).element_size()
+    kinds = model_dir.resident_blocks
     total = 0
     with safe_open(str(model_dir.resident_path), framework="pt") as f:
-        for name in f.keys():
+        names = list(f.keys())
+        for name in names:
             piece = f.get_slice(name)
             shape = piece.get_shape()
             n = 1
             for s in shape:
                 n *= s
+            if piece.get_dtype() == "U8":  # [rows, row bytes] of blocks
+                kind = kinds[name]
+                if as_stored:
+                    total += held_bytes(kind, tuple(shape), *roles(name, names))
+                else:
+                    total += shape[0] * (shape[1] // BLOCK_BYTES[kind] * BLOCK) * item
+                continue
+            if name.startswith("ffn."):  # down scales / minimums: held float32 (set_down_scales)
+                total += n * 4
+                continue
             stored = {"F16": 2, "BF16": 2, "F32": 4}.get(piece.get_dtype(), 4)
-            total += n * (item if len(shape) >= 2 and not as_stored and not name.startswith("ffn.")
-                          else stored)
+            total += n * (item if len(shape) >= 2 and not as_stored else stored)
     return total
 
 

@@ -43,24 +43,51 @@ class BlockMatrix:
 
     def __init__(self, scales: torch.Tensor, codes: torch.Tensor, kind: str, mins: torch.Tensor | None = None):
         n, k = codes.shape
+        self.k, self.kind, self.n = k, kind, n
+        self.w, self.sz = self._pack(scales, codes, kind, mins)
+
+    @classmethod
+    def from_blocks(cls, raw: torch.Tensor, kind: str, k: int, chunk_rows: int = 4096) -> "BlockMatrix":
+        """From stored block rows (uint8 [n, row bytes]), packed chunk_rows rows at a time, so
+        unpacking a large embedding never holds its codes as int32 all at once. The kernel's layout
+        interleaves rows within groups of 64 only, so chunks of a multiple of 64 rows pack to the
+        same bytes as the whole (tested). Rows are padded with zeros to the kernel's multiple of 16."""
+        if chunk_rows % 64:
+            raise ValueError(f"chunk_rows must be a multiple of 64, not {chunk_rows}")
+        n = raw.shape[0]
+        pad = -n % 16
+        if pad:
+            raw = torch.cat([raw, torch.zeros(pad, raw.shape[1], dtype=raw.dtype)])
+        self = cls.__new__(cls)
+        self.k, self.kind, self.n = k, kind, n
+        ws, szs = [], []
+        for start in range(0, raw.shape[0], chunk_rows):
+            scales, mins, codes = block_codes(raw[start:start + chunk_rows], kind, k)
+            w, sz = cls._pack(scales, codes, kind, mins)
+            ws.append(w)
+            szs.append(sz)
+        self.w = torch.cat(ws) if len(ws) > 1 else ws[0]
+        self.sz = torch.cat(szs, 1).contiguous() if len(szs) > 1 else szs[0]
+        return self
+
+    @staticmethod
+    def _pack(scales: torch.Tensor, codes: torch.Tensor, kind: str,
+              mins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = codes.shape
         s = scales.to(torch.float32)
         if kind == "int4":
             u = (codes.to(torch.int32) + 8)
             sz = torch.stack([s, torch.zeros_like(s)], -1)  # [N, K/32, 2]
-            self.width = k
         elif kind == "int4m":
             u = codes.to(torch.int32)  # w = d * q + m = (q - 8) * d + (m + 8d)
             sz = torch.stack([s, mins.to(torch.float32) + 8 * s], -1)
-            self.width = k
         else:
             u8 = codes.to(torch.int32) + 128
             u = torch.cat([u8 >> 4, u8 & 15], 1)  # [N, 2K]: hi nibbles, then lo nibbles
             sz = torch.cat([torch.stack([16 * s, torch.zeros_like(s)], -1),
                             torch.stack([s, 8 * s], -1)], 1)
-            self.width = 2 * k
-        self.k, self.kind = k, kind
-        self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
-        self.sz = sz.transpose(0, 1).to(torch.bfloat16).contiguous()  # [groups, N, 2]
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+        return w, sz.transpose(0, 1).to(torch.bfloat16).contiguous()  # [groups, N, 2]
 
     @property
     def nbytes(self) -> int:
@@ -71,6 +98,8 @@ class BlockMatrix:
         if self.kind == "int8":
             xb = torch.cat([xb, xb], 1)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), self.w, BLOCK, self.sz)
+        if y.shape[-1] != self.n:  # rows padded to a multiple of 16 (from_blocks)
+            y = y[:, :self.n]
         return y.to(torch.float32).reshape(*x.shape[:-1], -1)
 
 

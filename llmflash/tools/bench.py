@@ -182,9 +182,13 @@ def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
 
     from llmflash.format.layout import DTYPES
 
+    from llmflash.format.quantized import BLOCK, BLOCK_BYTES
+    from llmflash.runtime.quant_matrix import packed_bytes
+
     as_stored = dtype == "auto" and model_dir.quantized  # int8/int4: bundles as stored
+    blocks = model_dir.resident_blocks
     if as_stored:  # resident matrices at the dtype they were stored in
-        held = DTYPES[model_dir.manifest.get("resident_dtype") or "float16"]
+        held = DTYPES.get(model_dir.manifest.get("resident_dtype") or "float16") or DTYPES["float16"]
     else:
         held = DTYPES[model_dir.dtype] if dtype == "auto" else DTYPES[dtype]
     item = {"float16": 2, "bfloat16": 2, "float32": 4}[str(held).replace("torch.", "")]
@@ -202,6 +206,14 @@ def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
                 total += n * {"F16": 2, "BF16": 2, "F32": 4}.get(piece.get_dtype(), 4)
                 continue
             one_row = "embed_positions" in name or ("embed_tokens" in name and not tied)
+            if piece.get_dtype() == "U8":  # blocks: a looked-up row as stored, products packed
+                kind = blocks[name]
+                k = shape[1] // BLOCK_BYTES[kind] * BLOCK
+                if not as_stored:
+                    total += (k if one_row else shape[0] * k) * item
+                else:
+                    total += shape[1] if one_row else packed_bytes(kind, shape[0], k)
+                continue
             total += (shape[-1] if one_row else n) * item
     row = model_dir.bundle.nbytes if as_stored else model_dir.bundle.elements * item
     ffn = sum(r.neurons for r in model_dir.layers) * row

@@ -287,8 +287,10 @@ def resolve_shape(shape: str | None, config_path: Path | None) -> tuple[str, dic
 
 def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int = 0,
           config_path: Path | None = None, force: bool = False, progress: bool = True,
-          tokenizer: TokenizerSpec | None = None) -> FlashModelDir:
-    """Write a synthetic model of a preset (or a config.json) at DST in the flash layout."""
+          tokenizer: TokenizerSpec | None = None, resident_dtype: str | None = None) -> FlashModelDir:
+    """Write a synthetic model of a preset (or a config.json) at DST in the flash layout.
+    resident_dtype: an int8/int4/int4m model's resident matrices (default float16; a block format:
+    random codes whose block scale gives each matrix its std, as the bundles)."""
     if dtype not in DTYPES and not quantized.is_quantized(dtype):
         raise LLMFlashError(f"unsupported --dtype {dtype!r}; choose one of "
                             f"{sorted(DTYPES) + list(quantized.KINDS)}")
@@ -298,7 +300,7 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
     config = config_from_hf(hf, where=str(config_path) if config_path else f"preset {shape}")
     scales = Scales(config)
     quant = quantized.is_quantized(dtype)
-    bits = _Bits("float16" if quant else dtype)  # int8/int4: resident matrices at float16
+    bits = _Bits(resident_dtype if resident_dtype in DTYPES else "float16" if quant else dtype)
     resident = resident_shapes(config)
 
     layout = bundle_layout_for(config, dtype)  # refuses int8/int4 sizes that are not whole blocks
@@ -316,6 +318,9 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
             return
         rng = _stream(seed, name)
         cols = int(tshape[1])
+        if tdtype == torch.uint8:  # the resident block format (write_model_dir's resident_storage)
+            yield from _random_blocks(rng, tshape, resident_dtype, value)
+            return
         step = _rows_per_chunk(cols * bits.uint(0).itemsize)
         for start in range(0, tshape[0], step):
             rows = min(step, tshape[0] - start)
@@ -369,4 +374,21 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
     return write_model_dir(dst, config, dtype, resident, resident_chunks,
                            quant_layer_chunks if quant else layer_chunks, spec,
                            {"path": f"synthetic:{label}", "kind": "synthetic"}, extra,
-                           progress=progress, desc=f"synth {Path(label).name}")
+                           progress=progress, desc=f"synth {Path(label).name}", resident_dtype=resident_dtype)
+
+
+def _random_blocks(rng: np.random.Generator, shape: tuple, kind: str, std: float):
+    """Rows of random `kind` blocks for a [rows, k] matrix of standard deviation `std`: random codes,
+    every block's scale std / (the codes' std), int4m's minimum centring the codes on zero."""
+    rows_total, k = int(shape[0]), int(shape[1])
+    width = quantized.row_bytes(kind, k)
+    code_std = QUANT_CODE_STD[kind]
+    step = _rows_per_chunk(width)
+    for start in range(0, rows_total, step):
+        rows = min(step, rows_total - start)
+        block = rng.bit_generator.random_raw(-(-rows * width // 8)).view(np.uint8)[: rows * width]
+        b = block.reshape(rows, -1, quantized.BLOCK_BYTES[kind])
+        b[..., :2] = np.array([std / code_std], dtype=np.float16).view(np.uint8)
+        if quantized.has_mins(kind):
+            b[..., 2:4] = np.array([INT4M_MIN_PER_SCALE * std / code_std], dtype=np.float16).view(np.uint8)
+        yield block.reshape(rows, width)
