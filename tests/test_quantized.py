@@ -389,6 +389,25 @@ def test_gptq_blocks_beat_rounding_on_the_layer_outputs(kind):
     assert output_error(raw) < 0.8 * output_error(Q.quantize_rows(W.numpy(), kind))
 
 
+def test_gptq_convert_with_resident_blocks(tiny, tmp_path):
+    """`convert --gptq` end to end, its resident matrices in blocks: the FFN blocks chosen by GPTQ,
+    the resident ones rounded to nearest; the model runs and stays close to its float source."""
+    from llmflash.tools.quantize import gptq_convert
+
+    root, _ = tiny
+    src = convert(root / "llama-relu", tmp_path / "f32", dtype="float32", progress=False)
+    text = Path(__file__).resolve().parents[1] / "llmflash" / "data" / "calibration.txt"
+    out = gptq_convert(src, tmp_path / "g", "int4", text, tokens=256, window=64, progress=False,
+                       resident_dtype="int4")
+    d = FlashModelDir(out.path)
+    assert d.manifest["quantization"]["method"] == "gptq"
+    assert set(d.resident_blocks.values()) == {"int4"} and len(d.resident_blocks) == 10
+    ref = Engine(src, dtype=torch.float32).logits(IDS)
+    ours = Engine(out.path, dtype=torch.float32).logits(IDS)
+    assert float(torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min()) > 0.8
+    assert _rel(_logits(out.path, "dense"), _logits(out.path, "dense", torch.float32)) < 2e-2
+
+
 @pytest.mark.parametrize("kind", ["int4", "int4m"])
 @pytest.mark.parametrize("family,act,threshold", [("llama", "silu", 0.0), ("llama", "fatrelu", 0.1),
                                                   ("opt", "relu", 0.0)])

@@ -290,7 +290,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     if (resident_dtype is not None and resident_dtype not in DTYPES and resident_dtype != "auto"
             and not quantized.is_quantized(resident_dtype)):
         raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of "
-                            f"{sorted(DTYPES) + list(quantized.KINDS)}")
+                            f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
     if quantized.is_quantized(dtype):
         resident_dtype = resident_dtype or "float16"
     elif resident_dtype not in (None, dtype):

@@ -141,6 +141,9 @@ def gptq_convert(float_dir: Path | str, dst: Path | str, kind: str, text: Path |
             scales, mins, _ = down(layer)
             yield np.ascontiguousarray(mins if is_mins else scales)
             return
+        if tdtype == torch.uint8:  # a resident matrix in blocks (--resident-dtype int8/int4/int4m)
+            yield Q.quantize_rows(weights[name].float().numpy(), resident_dtype)
+            return
         yield _tensor_bytes(weights[name].to(tdtype))
 
     def layer_chunks(layer: int):
