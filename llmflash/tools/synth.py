@@ -336,7 +336,6 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
         codec = quantized.BundleCodec(layout, config.hidden_size)
         n, width = config.intermediate_size, codec.nbytes
         step = _rows_per_chunk(width)
-        code_std = QUANT_CODE_STD[dtype]
         for start in range(0, n, step):
             rows = min(step, n - start)
             block = rng.bit_generator.random_raw(-(-rows * width // 8)).view(np.uint8)[: rows * width]
@@ -345,11 +344,7 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
                 kind, value = scales.part(p.name)
                 span = codec.spans[p.name]
                 if p.name in ("gate", "up"):
-                    b = block[:, span].reshape(rows, -1, quantized.BLOCK_BYTES[dtype])
-                    b[..., :2] = np.array([value / code_std], dtype=np.float16).view(np.uint8)
-                    if quantized.has_mins(dtype):
-                        b[..., 2:4] = np.array([INT4M_MIN_PER_SCALE * value / code_std],
-                                               dtype=np.float16).view(np.uint8)
+                    _set_block_heads(block[:, span].reshape(rows, -1, quantized.BLOCK_BYTES[dtype]), dtype, value)
                 elif p.name != "down":  # biases
                     block[:, span] = np.array([value if kind == "const" else 0.0], dtype=np.float32).view(np.uint8)
             yield block
@@ -378,17 +373,22 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
 
 
 def _random_blocks(rng: np.random.Generator, shape: tuple, kind: str, std: float):
-    """Rows of random `kind` blocks for a [rows, k] matrix of standard deviation `std`: random codes,
-    every block's scale std / (the codes' std), int4m's minimum centring the codes on zero."""
+    """Rows of random `kind` blocks for a [rows, k] matrix of standard deviation `std` (_set_block_heads)."""
     rows_total, k = int(shape[0]), int(shape[1])
     width = quantized.row_bytes(kind, k)
-    code_std = QUANT_CODE_STD[kind]
     step = _rows_per_chunk(width)
     for start in range(0, rows_total, step):
         rows = min(step, rows_total - start)
         block = rng.bit_generator.random_raw(-(-rows * width // 8)).view(np.uint8)[: rows * width]
-        b = block.reshape(rows, -1, quantized.BLOCK_BYTES[kind])
-        b[..., :2] = np.array([std / code_std], dtype=np.float16).view(np.uint8)
-        if quantized.has_mins(kind):
-            b[..., 2:4] = np.array([INT4M_MIN_PER_SCALE * std / code_std], dtype=np.float16).view(np.uint8)
+        _set_block_heads(block.reshape(rows, -1, quantized.BLOCK_BYTES[kind]), kind, std)
         yield block.reshape(rows, width)
+
+
+def _set_block_heads(blocks: np.ndarray, kind: str, std: float) -> None:
+    """Give random codes (uint8 [..., blocks, block bytes], in place) the statistics of weights of
+    standard deviation `std`: every block's scale std / (the codes' std), int4m's minimum centring
+    the codes on zero."""
+    code_std = QUANT_CODE_STD[kind]
+    blocks[..., :2] = np.array([std / code_std], dtype=np.float16).view(np.uint8)
+    if quantized.has_mins(kind):
+        blocks[..., 2:4] = np.array([INT4M_MIN_PER_SCALE * std / code_std], dtype=np.float16).view(np.uint8)
