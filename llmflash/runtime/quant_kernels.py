@@ -63,16 +63,19 @@ def _kernels():
         nb = xs.shape[0]
         for n in prange(S):
             acc = np.float32(0.0)
+            row = raw[n]
             for b in range(nb):
                 base = start + b * bb
+                codes = row[base + hb: base + hb + 16]
+                xb = x[32 * b: 32 * b + 32]
                 s = np.float32(0.0)
-                for i in range(16):
-                    byte = raw[n, base + hb + i]
-                    s += (x[32 * b + i] * np.float32((byte & 15) - off)
-                          + x[32 * b + 16 + i] * np.float32((byte >> 4) - off))
-                acc += half(raw[n, base], raw[n, base + 1]) * s
+                for i in range(16):  # the stored codes; their offset is taken off once below
+                    byte = codes[i]
+                    s += xb[i] * np.float32(byte & 15) + xb[16 + i] * np.float32(byte >> 4)
+                s -= np.float32(off) * xs[b]
+                acc += half(row[base], row[base + 1]) * s
                 if hb == 4:  # int4m: + m * (sum of the block's x)
-                    acc += half(raw[n, base + 2], raw[n, base + 3]) * xs[b]
+                    acc += half(row[base + 2], row[base + 3]) * xs[b]
             out[n] = acc
 
     @njit(parallel=True, cache=True, fastmath=True)
