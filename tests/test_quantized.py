@@ -549,6 +549,30 @@ def test_block_matrix_from_blocks_pads_and_chunks():
         assert _rel(y, exact) < 1e-2, kind
 
 
+def test_head_refinement_gives_the_exact_leading_logits():
+    """The head's packed products are bfloat16; every logit within the margin of the largest is
+    recomputed from the stored rows: those equal the exact float32 product, so the leading token
+    is the exact one even where the kernel's rounding tied or swapped it."""
+    from llmflash.runtime.quant_matrix import HEAD_MARGIN_ABS, QuantizedMatrix
+
+    rng = np.random.default_rng(5)
+    # rows close to one another: their logits crowd near the top, as a head's leading tokens do
+    w = (rng.standard_normal(64) + 0.002 * rng.standard_normal((512, 64))).astype(np.float32)
+    x = torch.from_numpy(rng.standard_normal((3, 64)).astype(np.float32))
+    for kind in Q.KINDS:
+        raw = torch.from_numpy(Q.quantize_rows(w, kind))
+        exact = x @ Q.dequantize_blocks(raw, kind, 64).t()
+        x_big = x * (25.0 / exact.max(-1, keepdim=True).values)  # logits near 25: bfloat16 steps of 0.125
+        exact = x_big @ Q.dequantize_blocks(raw, kind, 64).t()
+        plain = QuantizedMatrix(raw, kind, lookup=False, product=True).linear(x_big)
+        head = QuantizedMatrix(raw, kind, lookup=False, product=True, head=True).linear(x_big)
+        near = exact >= exact.max(-1, keepdim=True).values - HEAD_MARGIN_ABS
+        assert torch.allclose(head[near], exact[near], rtol=1e-5, atol=1e-5), kind
+        assert not torch.allclose(plain[near], exact[near], rtol=1e-5, atol=1e-5)  # what it fixes
+        assert int(near.sum()) > 10 and torch.equal(head.argmax(-1), exact.argmax(-1))
+        assert _rel(head, exact) < 2e-2  # the rest keeps the kernel's rounding
+
+
 def test_resident_blocks_cli_and_a_manifest_that_lies(tiny, tmp_path):
     root, _ = tiny
     dst = tmp_path / "m"

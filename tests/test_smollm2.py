@@ -61,3 +61,20 @@ def test_logits_close(converted, reference):
         expected = ref(torch.tensor([ids])).logits[0]
     got = ours.logits(ids)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+def test_resident_blocks_answer_as_the_float32_route(smollm2_gguf, tmp_path):
+    """The GGUF's own blocks kept for the resident part too (`--resident-dtype auto`: Q4_1
+    attention, Q8_0 tied embedding). The head's logits are refined exactly near the top: without
+    that, bfloat16 output steps tied "The" (25.325) with "L" (25.243) and greedy decoding answered
+    "L'Étoile, la Marseillaise,". The held model answers as the exact float32 route."""
+    from llmflash.runtime.quant_matrix import QuantizedMatrix
+
+    out = tmp_path / "auto"
+    convert(smollm2_gguf, out, dtype="auto", resident_dtype="auto", progress=False)
+    held, exact = Engine(out), Engine(out, dtype=torch.float32)
+    assert isinstance(held.model.lm_head, QuantizedMatrix) and held.model.lm_head.head
+    ids = held.tokenizer.encode_chat("What is the capital of France?")
+    answer = held.generate(ids, 12).token_ids
+    assert answer == exact.generate(ids, 12).token_ids
+    assert held.tokenizer.decode(answer).startswith("The capital of France is Paris")

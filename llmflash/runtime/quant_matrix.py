@@ -17,6 +17,12 @@ A matrix plays one or two roles, and holds what each needs:
 
 A tied embedding does both, so it holds both copies (the packed layout cannot give rows back
 exactly); `held_bytes` says what that costs, and the memory plan charges it.
+
+The head keeps its stored rows too. The packed kernel writes bfloat16, whose steps at a logit of 25
+are 0.125: two leading logits 0.08 apart came out equal on SmolLM2, and greedy decoding took the
+wrong one. So the head's products are refined: every logit within HEAD_MARGIN of the largest is
+recomputed exactly (d·q (+ m) in float32) from the stored rows, a few dozen rows a token, and the
+choice among the leading tokens is the float32 one. The other logits keep the kernel's rounding.
 """
 
 from __future__ import annotations
@@ -31,13 +37,22 @@ def is_lookup(name: str) -> bool:
     return "embed_" in name
 
 
-def roles(name: str, names) -> tuple[bool, bool]:
-    """(lookup, product) for resident matrix `name` among the model's resident `names`: a token
-    embedding is also the head when the model has no lm_head (tied)."""
+# Logits within HEAD_MARGIN_ABS + HEAD_MARGIN_REL * |largest| of the largest are recomputed exactly:
+# a generous bound on the packed kernel's error (bfloat16 output, activations and scales: each
+# about 0.4 % relative, 0.1 at a logit of 25).
+HEAD_MARGIN_ABS = 0.5
+HEAD_MARGIN_REL = 0.02
+REFINE_CHUNK = 4096  # (token, row) pairs recomputed per pass, to bound the float32 rows made
+
+
+def roles(name: str, names) -> tuple[bool, bool, bool]:
+    """(lookup, product, head) for resident matrix `name` among the model's resident `names`: a
+    token embedding is also the head when the model has no lm_head (tied)."""
     lookup = is_lookup(name)
     tied = not any(n.endswith("lm_head.weight") for n in names)
-    product = not lookup or ("embed_tokens" in name and tied)
-    return lookup, product
+    head = name.endswith("lm_head.weight") or ("embed_tokens" in name and tied)
+    product = not lookup or head
+    return lookup, product, head
 
 
 def packed_bytes(kind: str, rows: int, k: int) -> int:
@@ -48,17 +63,18 @@ def packed_bytes(kind: str, rows: int, k: int) -> int:
     return rows * width // 2 + width // BLOCK * rows * 2 * 2
 
 
-def held_bytes(kind: str, raw_shape: tuple[int, int], lookup: bool, product: bool) -> int:
-    """DRAM bytes a QuantizedMatrix of stored blocks uint8 `raw_shape` holds for its roles."""
+def held_bytes(kind: str, raw_shape: tuple[int, int], lookup: bool, product: bool, head: bool = False) -> int:
+    """DRAM bytes a QuantizedMatrix of stored blocks uint8 `raw_shape` holds for its roles: the
+    stored rows for lookups and for the head's refinement, the packed copy for products."""
     rows, nbytes = raw_shape
     k = nbytes // BLOCK_BYTES[kind] * BLOCK
-    return (rows * nbytes if lookup else 0) + (packed_bytes(kind, rows, k) if product else 0)
+    return (rows * nbytes if lookup or head else 0) + (packed_bytes(kind, rows, k) if product else 0)
 
 
 class QuantizedMatrix:
     """W [rows, k] held as blocks (see the module docstring); float32 in, float32 out."""
 
-    def __init__(self, raw: torch.Tensor, kind: str, lookup: bool, product: bool):
+    def __init__(self, raw: torch.Tensor, kind: str, lookup: bool, product: bool, head: bool = False):
         from llmflash.runtime.quant_ffn import BlockMatrix
 
         rows, nbytes = raw.shape
@@ -66,7 +82,8 @@ class QuantizedMatrix:
         self.k = nbytes // BLOCK_BYTES[kind] * BLOCK
         self.shape = torch.Size((rows, self.k))
         self.dtype = torch.float32  # what rows and products come out as
-        self.raw = raw if lookup else None
+        self.head = head
+        self.raw = raw if lookup or head else None
         self.packed = None
         if product:
             self.packed = BlockMatrix.from_blocks(raw, kind, self.k)
@@ -81,7 +98,20 @@ class QuantizedMatrix:
         if self.packed is None:
             raise TypeError("this quantized matrix is held for lookups only")
         y = self.packed(x)
+        if self.head:
+            self._refine(x, y)
         return y if bias is None else y + bias.to(y.dtype)
+
+    def _refine(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Recompute in place, exactly, the products within the head margin of each token's largest."""
+        x2, y2 = x.reshape(-1, self.k), y.view(-1, y.shape[-1])
+        top = y2.max(dim=-1, keepdim=True).values
+        t_idx, r_idx = torch.nonzero(y2 >= top - (HEAD_MARGIN_ABS + HEAD_MARGIN_REL * top.abs()), as_tuple=True)
+        for start in range(0, len(t_idx), REFINE_CHUNK):
+            t, r = t_idx[start:start + REFINE_CHUNK], r_idx[start:start + REFINE_CHUNK]
+            rows, inverse = torch.unique(r, return_inverse=True)
+            w = dequantize_blocks(self.raw[rows], self.kind, self.k)
+            y2[t, r] = (x2[t].to(torch.float32) * w[inverse]).sum(-1)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` dequantized exactly, float32 [len(ids), k]."""
@@ -98,5 +128,4 @@ def hold(weights: dict[str, torch.Tensor], kinds: dict[str, str]) -> None:
     rows are freed)."""
     names = list(weights)
     for name, kind in kinds.items():
-        lookup, product = roles(name, names)
-        weights[name] = QuantizedMatrix(weights[name], kind, lookup, product)
+        weights[name] = QuantizedMatrix(weights[name], kind, *roles(name, names))
