@@ -383,7 +383,7 @@ class FlashModelDir:
     def dequantize_resident(self, name: str, raw: torch.Tensor) -> torch.Tensor:
         """Resident matrix `name` stored in blocks (uint8 [rows, row bytes]) -> float32 [rows, k]."""
         kind = self.resident_blocks[name]
-        return quantized.dequantize_blocks(raw, kind, raw.shape[1] // quantized.BLOCK_BYTES[kind] * quantized.BLOCK)
+        return quantized.dequantize_blocks(raw, kind, quantized.row_length(kind, raw.shape[1]))
 
     # -- FFN bundles ---------------------------------------------------------------------------
     @property

@@ -69,6 +69,11 @@ def row_bytes(kind: str, k: int) -> int:
     return k // BLOCK * BLOCK_BYTES[kind]
 
 
+def row_length(kind: str, nbytes: int) -> int:
+    """Weights in a row of blocks of `nbytes` bytes (the inverse of row_bytes)."""
+    return nbytes // BLOCK_BYTES[kind] * BLOCK
+
+
 def code_bytes(kind: str, k: int) -> int:
     """Bytes of k codes without scales (a bundle's down column)."""
     return k if kind == "int8" else k // 2

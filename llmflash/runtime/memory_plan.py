@@ -69,7 +69,7 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
     the stored rows for lookups, both for a tied embedding)."""
     from safetensors import safe_open
 
-    from llmflash.format.quantized import BLOCK, BLOCK_BYTES
+    from llmflash.format.quantized import row_length
     from llmflash.runtime.quant_matrix import held_bytes, roles
 
     as_stored = dtype == torch.uint8  # QUANTIZED_ROWS: an int8/int4 model's matrices as stored
@@ -89,7 +89,7 @@ def resident_bytes_at(model_dir: FlashModelDir, dtype: torch.dtype) -> int:
                 if as_stored:
                     total += held_bytes(kind, tuple(shape), *roles(name, names))
                 else:
-                    total += shape[0] * (shape[1] // BLOCK_BYTES[kind] * BLOCK) * item
+                    total += shape[0] * row_length(kind, shape[1]) * item
                 continue
             if name.startswith("ffn."):  # down scales / minimums: held float32 (set_down_scales)
                 total += n * 4

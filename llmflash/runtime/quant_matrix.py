@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from llmflash.format.quantized import BLOCK, BLOCK_BYTES, dequantize_blocks
+from llmflash.format.quantized import BLOCK, dequantize_blocks, row_length
 
 
 def is_lookup(name: str) -> bool:
@@ -67,7 +67,7 @@ def held_bytes(kind: str, raw_shape: tuple[int, int], lookup: bool, product: boo
     """DRAM bytes a QuantizedMatrix of stored blocks uint8 `raw_shape` holds for its roles: the
     stored rows for lookups and for the head's refinement, the packed copy for products."""
     rows, nbytes = raw_shape
-    k = nbytes // BLOCK_BYTES[kind] * BLOCK
+    k = row_length(kind, nbytes)
     return (rows * nbytes if lookup or head else 0) + (packed_bytes(kind, rows, k) if product else 0)
 
 
@@ -79,7 +79,7 @@ class QuantizedMatrix:
 
         rows, nbytes = raw.shape
         self.kind = kind
-        self.k = nbytes // BLOCK_BYTES[kind] * BLOCK
+        self.k = row_length(kind, nbytes)
         self.shape = torch.Size((rows, self.k))
         self.dtype = torch.float32  # what rows and products come out as
         self.head = head

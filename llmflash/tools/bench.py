@@ -181,8 +181,7 @@ def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
     from safetensors import safe_open
 
     from llmflash.format.layout import DTYPES
-
-    from llmflash.format.quantized import BLOCK, BLOCK_BYTES
+    from llmflash.format.quantized import row_length
     from llmflash.runtime.quant_matrix import packed_bytes
 
     as_stored = dtype == "auto" and model_dir.quantized  # int8/int4: bundles as stored
@@ -208,7 +207,7 @@ def dense_bytes_per_token(model_dir: FlashModelDir, dtype: str) -> int:
             one_row = "embed_positions" in name or ("embed_tokens" in name and not tied)
             if piece.get_dtype() == "U8":  # blocks: a looked-up row as stored, products packed
                 kind = blocks[name]
-                k = shape[1] // BLOCK_BYTES[kind] * BLOCK
+                k = row_length(kind, shape[1])
                 if not as_stored:
                     total += (k if one_row else shape[0] * k) * item
                 else:
