@@ -114,9 +114,8 @@ class QuantDenseLayer:
         k, kind = codec.k, codec.kind
         self.act, self.threshold = act, threshold
         self.gated = "gate" in codec.spans
-        parts = [block_codes(raw[:, codec.spans[p]], kind, k) for p in (("gate", "up") if self.gated else ("up",))]
-        mins = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
-        self.gu = BlockMatrix(torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts]), kind, mins)
+        rows = torch.cat([raw[:, codec.spans[p]] for p in (("gate", "up") if self.gated else ("up",))])
+        self.gu = BlockMatrix.from_blocks(rows, kind, k)  # the gate rows, then the up rows
         down = unpack_codes(raw[:, codec.spans["down"]], kind, k)  # [n, K]
         self.down = BlockMatrix(down_scales, down.t().contiguous(), kind, down_mins)  # W [K, n]
         biases = [codec.bias(raw, b) for b in ("gate_bias", "up_bias") if b in codec.spans]
