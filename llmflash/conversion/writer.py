@@ -167,6 +167,20 @@ class _HashingWriter:
         return {"bytes": self.size, "sha256": self.sha.hexdigest()}
 
 
+def check_resident_dtype(resident_dtype: str | None) -> None:
+    """Refuse a resident dtype that is none of the float dtypes, the block formats and auto."""
+    if (resident_dtype is not None and resident_dtype not in DTYPES and resident_dtype != "auto"
+            and not quantized.is_quantized(resident_dtype)):
+        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of "
+                            f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
+
+
+def resident_format(name: str, resident_dtype: str, kinds: dict[str, str] | None) -> str:
+    """The dtype or block format resident matrix `name` is stored at: `resident_dtype`, or under
+    "auto" its format in `kinds` (float16 when it has none)."""
+    return (kinds or {}).get(name, "float16") if resident_dtype == "auto" else resident_dtype
+
+
 def resident_storage(name: str, shape: tuple[int, ...], resident_dtype: str,
                      kinds: dict[str, str] | None = None) -> tuple[torch.dtype, tuple]:
     """(stored torch dtype, stored shape) of one resident tensor.
@@ -177,8 +191,7 @@ def resident_storage(name: str, shape: tuple[int, ...], resident_dtype: str,
     row bytes], each row its k/32 blocks (GGUF's layout), and a matrix whose rows are not whole
     blocks at float16. "auto": each matrix in its block format in `kinds`, float16 if absent.
     """
-    if resident_dtype == "auto":
-        resident_dtype = (kinds or {}).get(name, "float16")
+    resident_dtype = resident_format(name, resident_dtype, kinds)
     if name.startswith("ffn.layers."):
         return torch.float16, tuple(shape)
     if len(shape) <= 1:
@@ -287,10 +300,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     (name -> block format).
     """
     dst = Path(dst)
-    if (resident_dtype is not None and resident_dtype not in DTYPES and resident_dtype != "auto"
-            and not quantized.is_quantized(resident_dtype)):
-        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of "
-                            f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
+    check_resident_dtype(resident_dtype)
     if quantized.is_quantized(dtype):
         resident_dtype = resident_dtype or "float16"
     elif resident_dtype not in (None, dtype):
@@ -311,7 +321,7 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
             tdtype, stored = resident_storage(name, shape, resident_dtype, resident_kinds)
             total += int(np.prod(stored)) * torch.empty((), dtype=tdtype).element_size()
             if tdtype == torch.uint8:
-                blocks[name] = resident_kinds[name] if resident_dtype == "auto" else resident_dtype
+                blocks[name] = resident_format(name, resident_dtype, resident_kinds)
         total += config.num_layers * config.intermediate_size * bundle.nbytes
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
         files: dict[str, dict] = {}
@@ -442,10 +452,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
     if dtype != "auto" and dtype not in DTYPES and not quantized.is_quantized(dtype):
         raise LLMFlashError(f"unsupported storage dtype {dtype!r}; choose one of "
                             f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
-    if (resident_dtype is not None and resident_dtype not in DTYPES and resident_dtype != "auto"
-            and not quantized.is_quantized(resident_dtype)):
-        raise LLMFlashError(f"unsupported resident dtype {resident_dtype!r}; choose one of "
-                            f"{sorted(DTYPES) + list(quantized.KINDS) + ['auto']}")
+    check_resident_dtype(resident_dtype)
     dst = Path(dst)
     check_destination(dst, force)
     source = open_source(Path(src))
@@ -484,7 +491,7 @@ def convert(src: Path | str, dst: Path | str, dtype: str = "float16", force: boo
     resident_q: dict[str, _Quantizer] = {}  # block format -> the quantizer of resident matrices
 
     def resident_blocks(name: str) -> np.ndarray:
-        kind = resident_kinds[name] if resident_kinds is not None else resident_dtype
+        kind = resident_format(name, resident_dtype, resident_kinds)
         rq = resident_q.setdefault(kind, _Quantizer(source, config, names, kind))
         out = rq.blocks(name)
         requantized: dict[str, int] = {}
