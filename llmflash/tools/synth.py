@@ -112,8 +112,7 @@ class _Bits:
 
     def raw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n random words; the draws consumed depend only on n, not on how a tensor is chunked."""
-        words = -(-n * np.dtype(self.uint).itemsize // 8)
-        return rng.bit_generator.random_raw(words).view(self.uint)[:n]
+        return _random_words(rng, n, self.uint)
 
     def shape(self, bits: np.ndarray, std: float) -> np.ndarray:
         """Turn random words into values of about `std`, in place."""
@@ -128,6 +127,11 @@ class _Bits:
         if self.dtype == "bfloat16":
             return int(f32.view(np.uint32) >> 16)
         return int(np.array(value, dtype=np.float16).view(np.uint16))
+
+
+def _random_words(rng: np.random.Generator, n: int, dtype) -> np.ndarray:
+    """n random values of unsigned integer `dtype`, from whole 64-bit draws of `rng`."""
+    return rng.bit_generator.random_raw(-(-n * np.dtype(dtype).itemsize // 8)).view(dtype)[:n]
 
 
 def _stream(seed: int, name: str) -> np.random.Generator:
@@ -338,8 +342,7 @@ def synth(shape: str | None, dst: Path | str, dtype: str = "float16", seed: int 
         step = _rows_per_chunk(width)
         for start in range(0, n, step):
             rows = min(step, n - start)
-            block = rng.bit_generator.random_raw(-(-rows * width // 8)).view(np.uint8)[: rows * width]
-            block = block.reshape(rows, width)
+            block = _random_words(rng, rows * width, np.uint8).reshape(rows, width)
             for p in layout.parts:
                 kind, value = scales.part(p.name)
                 span = codec.spans[p.name]
@@ -379,7 +382,7 @@ def _random_blocks(rng: np.random.Generator, shape: tuple, kind: str, std: float
     step = _rows_per_chunk(width)
     for start in range(0, rows_total, step):
         rows = min(step, rows_total - start)
-        block = rng.bit_generator.random_raw(-(-rows * width // 8)).view(np.uint8)[: rows * width]
+        block = _random_words(rng, rows * width, np.uint8)
         _set_block_heads(block.reshape(rows, -1, quantized.BLOCK_BYTES[kind]), kind, std)
         yield block.reshape(rows, width)
 
