@@ -35,18 +35,3 @@ def ref_tokenizer():
     path = gguf_path()
     with plain_view():
         return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-@functools.cache
-def converted() -> Path:
-    """The GGUF converted to the flash layout in float32, once per test process."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from llmflash.conversion.writer import convert
-
-    base = Path(tempfile.mkdtemp(prefix="llmflash-gemma-"))
-    atexit.register(shutil.rmtree, base, ignore_errors=True)
-    convert(gguf_path(), base / "gemma-3-270m-f32", dtype="float32", progress=False)
-    return base / "gemma-3-270m-f32"

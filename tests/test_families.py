@@ -10,6 +10,7 @@ back exactly that model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -263,15 +264,20 @@ def test_gemma_attention_softcapping_is_ignored_as_transformers_does(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    """The real GGUF converted in float32, and transformers loading the same file."""
+def gemma(tmp_path_factory):
+    """The real GGUF converted in float32, and transformers loading the same file. The 1.1 GB
+    conversion is removed when this module's tests end, so it never sits on CI's disk beside the
+    models of later modules."""
     path = gemma_ref.gguf_path()
-    out = gemma_ref.converted()
     transformers = pytest.importorskip("transformers")
+    base = tmp_path_factory.mktemp("gemma-3-270m")
+    out = base / "gemma-3-270m-f32"
+    convert(path, out, dtype="float32", progress=False)
     with plain_view():
         ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                 dtype=torch.float32).eval()
-    return out, Engine(out), ref
+    yield out, Engine(out), ref
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @gemma_ref.needs_gemma

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def env(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Paris" in proc.stdout
     assert "selector predictor" in proc.stderr  # charged to the budget, trained once on first run
-    return env
+    yield env
+    shutil.rmtree(home, ignore_errors=True)  # its 0.5 GB model, off CI's disk for the modules after
 
 
 def test_quick_start_commands_run_as_written(env):

@@ -13,10 +13,9 @@ from llmflash.runtime.engine import Engine
 
 
 @pytest.fixture(scope="module")
-def converted(smollm2_gguf, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smol") / "smollm2-f32"
-    convert(smollm2_gguf, out, dtype="float32", progress=False)
-    return out
+def converted(smollm2_dir) -> Path:
+    """The GGUF converted at float32: the session's default model (conftest), not a second copy."""
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
