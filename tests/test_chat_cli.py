@@ -145,7 +145,7 @@ def talk_through_the_terminal(term: Terminal) -> None:
     for attempt in range(3):
         term.send("\x03")
         try:
-            term.read_until(r"/quit or Ctrl-D leaves", timeout=30 if attempt < 2 else 120)
+            term.read_until(r"/quit or Ctrl-D leaves", timeout=8 if attempt < 2 else 120)
             break
         except AssertionError:
             if attempt == 2:

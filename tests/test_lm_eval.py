@@ -63,7 +63,7 @@ def evaluate(model: str, model_args: str, tasks_dir: Path, samples: bool = False
     from lm_eval.tasks import TaskManager
 
     return simple_evaluate(model=model, model_args=model_args, tasks=["tiny_mc", "tiny_ppl", "tiny_gen"],
-                           task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=1, device="cpu",
+                           task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False), batch_size=1, device="cpu",
                            log_samples=samples)
 
 

