@@ -25,6 +25,8 @@ precision.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -103,19 +105,34 @@ def linear_split(x: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
     return y
 
 
+@functools.cache
+def native_float16() -> bool:
+    """Whether this CPU multiplies float16 natively (oneDNN's float16 support), which decides how
+    `matmul_rows` multiplies float16 rows."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def matmul_rows(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """h @ rows, h [T, n] at the activation dtype, rows [n, d] at any dtype (e.g. the down
     columns of n bundles, a strided view of the bundle rows).
 
-    float16 rows: torch 2.13's half kernel on the rows as they are (h rounded to float16, the
-    result rounded to float16, as `linear` does for one token), measured 2-2.9x faster than the
+    float16 rows, on a CPU with native float16 arithmetic (oneDNN's float16 support: AVX512-FP16
+    or AMX): torch 2.13's half kernel on the rows as they are (h rounded to float16, the result
+    rounded to float16, as `linear` does for one token), measured 2-2.9x faster there than the
     float32 chunks below for T = 1..64 (16384 x 4096 bundle columns, one core: 52 against 102 ms at
     T = 1; 2600 cached rows: 5.9 against 13.1 ms); relative error 3e-4, the float16 rounding. A
-    result that overflows float16 is recomputed through the chunks. Other dtypes (bfloat16 measured
-    slower direct) are converted to float32 chunk by chunk and accumulated in float32."""
+    result that overflows float16 is recomputed through the chunks. Elsewhere the same kernel is
+    scalar: on an AVX2-only EPYC, 2600 cached rows took 164 ms against 18.6 ms for the chunks at
+    T = 1, 5.2 s against 35 ms at T = 32 (two threads), so float16 goes through the chunks there.
+    Other dtypes (bfloat16 measured slower direct) are converted to float32 chunk by chunk and
+    accumulated in float32."""
     if rows.dtype == h.dtype:
         return h @ rows
-    if rows.dtype == torch.float16:
+    if rows.dtype == torch.float16 and native_float16():
         y = (h.to(torch.float16) @ rows).to(h.dtype)
         if bool(torch.isfinite(y).all()):
             return y

@@ -186,3 +186,25 @@ def test_few_tokens_use_the_one_token_kernel_and_many_the_float32_chunks():
     assert torch.equal(linear(few, w), rows)
     many = torch.randn(ROWWISE_TOKENS + 3, 24)
     torch.testing.assert_close(linear(many, w), many @ w.float().t(), rtol=1e-6, atol=1e-6)
+
+
+def test_half_rows_product_by_the_route_this_cpu_does_fast():
+    """matmul_rows multiplies float16 rows with torch's half kernel only where the CPU has native
+    float16 (elsewhere that kernel is scalar, ~9x slower than the float32 chunks): both routes give
+    the float32 product of the stored rows, up to float16 rounding, and a product that overflows
+    float16 comes back finite."""
+    from llmflash.compute import matmul_rows, native_float16
+
+    bundles = torch.randn(300, 130).half()
+    down = bundles[:, 64:128]  # a strided view, as the down columns of cached bundles are
+    for T in (1, 5):
+        h = torch.randn(T, 300)
+        exact = h @ down.float()
+        got = matmul_rows(h, down)
+        if native_float16():
+            torch.testing.assert_close(got, exact, rtol=1e-2, atol=1e-2)
+        else:
+            torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-5)
+    h = torch.full((1, 300), 300.0)
+    big = torch.full((300, 64), 60.0).half()  # 300 * 300 * 60 overflows float16's 65504
+    torch.testing.assert_close(matmul_rows(h, big), h @ big.float())
