@@ -211,18 +211,26 @@ ResidentChunks = Callable[[str, tuple, torch.dtype], Iterable]
 LayerChunks = Callable[[int], Iterable]
 
 
-def _write_resident(path: Path, plan: list[tuple[str, tuple]], chunks: ResidentChunks,
-                    resident_dtype: str, kinds: dict[str, str] | None, bar: tqdm) -> dict:
-    """A safetensors file written tensor by tensor (the header is computed from shapes first)."""
-    header: dict[str, dict] = {}
-    offset = 0
-    sized = []
+def _stored_plan(plan: list[tuple[str, tuple]], resident_dtype: str,
+                 kinds: dict[str, str] | None) -> list[tuple[str, tuple, torch.dtype, tuple, int]]:
+    """Each resident tensor as (name, shape, stored dtype, stored shape, bytes): resident_storage,
+    priced once for the progress total, the manifest and the file's header."""
+    out = []
     for name, shape in plan:
         tdtype, stored = resident_storage(name, shape, resident_dtype, kinds)
         nbytes = int(np.prod(stored, dtype=np.int64)) * torch.empty((), dtype=tdtype).element_size()
+        out.append((name, tuple(shape), tdtype, stored, nbytes))
+    return out
+
+
+def _write_resident(path: Path, stored_plan: list[tuple[str, tuple, torch.dtype, tuple, int]],
+                    chunks: ResidentChunks, bar: tqdm) -> dict:
+    """A safetensors file written tensor by tensor (the header is computed from shapes first)."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, _, tdtype, stored, nbytes in stored_plan:
         header[name] = {"dtype": _ST_NAMES[tdtype], "shape": list(stored),
                         "data_offsets": [offset, offset + nbytes]}
-        sized.append((name, shape, tdtype, nbytes))
         offset += nbytes
     header["__metadata__"] = {"format": "pt", "writer": f"llmflash {__version__}"}
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -230,7 +238,7 @@ def _write_resident(path: Path, plan: list[tuple[str, tuple]], chunks: ResidentC
     out = _HashingWriter(path)
     out.write(struct.pack("<Q", len(header_bytes)))
     out.write(header_bytes)
-    for name, shape, tdtype, nbytes in sized:
+    for name, shape, tdtype, _, nbytes in stored_plan:
         written = 0
         for piece in chunks(name, shape, tdtype):
             n = out.write(piece)
@@ -315,18 +323,15 @@ def write_model_dir(dst: Path, config: ModelConfig, dtype: str, resident: list[t
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        total = 0
-        blocks: dict[str, str] = {}  # resident matrices stored in blocks -> their format
-        for name, shape in resident:
-            tdtype, stored = resident_storage(name, shape, resident_dtype, resident_kinds)
-            total += int(np.prod(stored)) * torch.empty((), dtype=tdtype).element_size()
-            if tdtype == torch.uint8:
-                blocks[name] = resident_format(name, resident_dtype, resident_kinds)
+        stored_plan = _stored_plan(resident, resident_dtype, resident_kinds)
+        # resident matrices stored in blocks -> their format
+        blocks = {name: resident_format(name, resident_dtype, resident_kinds)
+                  for name, _, tdtype, _, _ in stored_plan if tdtype == torch.uint8}
+        total = sum(nbytes for *_, nbytes in stored_plan)
         total += config.num_layers * config.intermediate_size * bundle.nbytes
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
         files: dict[str, dict] = {}
-        files[RESIDENT_FILE] = _write_resident(tmp / RESIDENT_FILE, resident, resident_chunks,
-                                               resident_dtype, resident_kinds, bar)
+        files[RESIDENT_FILE] = _write_resident(tmp / RESIDENT_FILE, stored_plan, resident_chunks, bar)
         files[FFN_FILE], regions, digests = _write_ffn(tmp / FFN_FILE, config.num_layers,
                                                        config.intermediate_size, bundle.nbytes, layer_chunks, bar)
         # per-bundle digests for flash's scattered reads (format/integrity.py)
